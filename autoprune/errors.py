@@ -12,3 +12,10 @@ class InputError(AutopruneError, ValueError):
 
     The command line prints the message as one line on stderr and exits with code 2.
     """
+
+
+class CandidateError(AutopruneError):
+    """One candidate could not be evaluated (diverging fine-tune, out of memory, empty layer).
+
+    The search records the trial as failed with this message and goes on with the next candidate.
+    """

@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install autoprune, run a real search on the embedded default, export the policy
+#   make test   create or update .venv with the dev extras and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	mkdir -p $(OUT)
+	$(BIN)/autoprune search --agent random --trials 12 --finetune-steps 30 --budget-flops 50% \
+		--storage sqlite:///$(OUT)/autoprune.db -o $(OUT)/best.json
+	$(BIN)/autoprune apply $(OUT)/best.json -o $(OUT)/pruned.pt
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check autoprune tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,26 @@
+"""Search agents. Each module implements one method; all share :mod:`autoprune.agents.base`."""
+
+from autoprune.agents import random, uniform  # noqa: F401  (registers the built-in agents)
+from autoprune.agents.base import (
+    AGENTS,
+    Agent,
+    Option,
+    Reporter,
+    SearchContext,
+    SearchResult,
+    get_agent,
+    list_agents,
+    register,
+)
+
+__all__ = [
+    "AGENTS",
+    "Agent",
+    "Option",
+    "Reporter",
+    "SearchContext",
+    "SearchResult",
+    "get_agent",
+    "list_agents",
+    "register",
+]

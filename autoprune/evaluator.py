@@ -1,0 +1,233 @@
+"""The shared evaluator: one per process, used by every agent.
+
+``cost(policy)`` predicts FLOPs and parameters without touching a model (microseconds; latency is
+measured on the pruned model when asked). ``evaluate(policy, finetune_steps)`` prunes a copy of the
+base model, recalibrates its batch norm on training batches (adaptive BN, the zero-training proxy),
+optionally fine-tunes it for a number of steps (with knowledge distillation from the unpruned model
+if asked), and scores it on the held-out validation split; FLOPs and params are measured on the pruned
+model itself, which is what feasibility is decided on. Results are cached by policy.
+
+All data lives on the evaluator's device as tensors and is batched and augmented there; every
+candidate sees the same batches for a given seed, so candidates are compared on equal terms and a
+recorded result can be reproduced exactly (``autoprune apply`` does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprune.budget import Budget, all_hold
+from autoprune.cost import count_flops, count_params, measure_latency
+from autoprune.data import DatasetSplits
+from autoprune.policy import Policy
+from autoprune.pruning import ChannelPruner
+from autoprune.space import Space
+from autoprune.training import recalibrate_bn, score, train_steps
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from autoprune.errors import InputError
+
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    return device
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one evaluated candidate measured. ``accuracy`` is top-1 on ``split`` in [0, 1]."""
+
+    accuracy: float
+    loss: float
+    flops: int
+    params: int
+    latency: float | None
+    seconds: float
+    finetune_steps: int
+    split: str = "val"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resources(self) -> dict[str, float]:
+        out = {"flops": float(self.flops), "params": float(self.params)}
+        if self.latency is not None:
+            out["latency"] = float(self.latency)
+        return out
+
+
+class Evaluator:
+    """Scores pruning policies of one base model on one dataset.
+
+    Parameters
+    ----------
+    model: the trained base model (not modified; pruned copies are made).
+    data: the dataset splits (train for BN recalibration and fine-tuning, val for search scores,
+        test for final reports).
+    device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    criterion: default channel criterion for policies that do not name one (``l1``).
+    ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
+    batch_size: fine-tune and BN-recalibration batch size.
+    eval_batch_size: scoring batch size.
+    bn_batches: training batches for adaptive BN recalibration (0 turns it off).
+    finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
+    distill: weight of the distillation loss from the unpruned model (0 turns it off).
+    latency: measure latency of every evaluated candidate (needed for latency budgets).
+    seed: seeds the batches and augmentation of every candidate.
+    amp: bf16 autocast on CUDA (``"auto"``: on CUDA only).
+    model_info: metadata stamped into every policy (model name, dataset, shapes).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DatasetSplits,
+        *,
+        device: str | torch.device = "auto",
+        criterion: str = "l1",
+        ignore: Iterable[str] = (),
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        bn_batches: int = 20,
+        finetune_lr: float = 0.01,
+        distill: float = 0.0,
+        temperature: float = 4.0,
+        latency: bool = False,
+        latency_repeats: int = 20,
+        seed: int = 0,
+        amp: bool | str = "auto",
+        model_info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.data = data
+        self.model = model.to(self.device).eval()
+        self.criterion = criterion
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.bn_batches = bn_batches
+        self.finetune_lr = finetune_lr
+        self.distill = distill
+        self.temperature = temperature
+        self.latency = latency
+        self.latency_repeats = latency_repeats
+        self.seed = seed
+        self.amp = (self.device.type == "cuda") if amp == "auto" else bool(amp)
+        self.example_input = torch.zeros(
+            1, data.in_channels, data.image_size, data.image_size, device=self.device
+        )
+        self.space = Space.from_model(self.model, self.example_input, ignore=ignore)
+        self.pruner = ChannelPruner(self.space)
+        self.model_info = dict(model_info or {})
+        self.model_info.setdefault("groups", len(self.space.names))
+        self._cache: dict[tuple, Evaluation] = {}
+        self._baseline: dict[str, Evaluation] = {}
+        self.evaluations = 0  # candidates actually evaluated (cache hits excluded)
+
+    # -- the unpruned model -------------------------------------------------------------------
+    @property
+    def base(self) -> dict[str, float]:
+        """The unpruned model's resources (latency included only when measured)."""
+        out = {"flops": float(self.space.base_flops), "params": float(self.space.base_params)}
+        if self.latency:
+            out["latency"] = self.baseline().latency
+        return out
+
+    def baseline(self, split: str = "val") -> Evaluation:
+        """The unpruned model as given: no recalibration, no fine-tune."""
+        if split not in self._baseline:
+            t0 = time.perf_counter()
+            acc, loss = score(self.model, self._loader(split), self.amp)
+            lat = self._latency(self.model) if self.latency else None
+            self._baseline[split] = Evaluation(
+                acc, loss, self.space.base_flops, self.space.base_params, lat,
+                time.perf_counter() - t0, 0, split,
+            )
+        return self._baseline[split]
+
+    # -- policies -----------------------------------------------------------------------------
+    def policy(self, ratios: Mapping[str, float], **kw: Any) -> Policy:
+        """A policy for this model: missing groups get 0, the criterion defaults to the evaluator's."""
+        full = {n: float(ratios.get(n, 0.0)) for n in self.space.names}
+        self.space.check_names(ratios)
+        kw.setdefault("criterion", self.criterion)
+        kw.setdefault("model", dict(self.model_info))
+        return Policy(full, **kw)
+
+    def uniform(self, ratio: float, **kw: Any) -> Policy:
+        return self.policy(dict.fromkeys(self.space.names, ratio), **kw)
+
+    def cost(self, policy: Policy | Mapping[str, float], latency: bool | None = None) -> dict[str, float]:
+        """Predicted FLOPs and params (exact for conv/linear/norm layers); latency measured if asked."""
+        ratios = policy.ratios if isinstance(policy, Policy) else policy
+        out = self.space.cost(ratios)
+        if self.latency if latency is None else latency:
+            pol = policy if isinstance(policy, Policy) else self.policy(ratios)
+            out["latency"] = self._latency(self.pruner.prune(pol))
+        return out
+
+    def feasible(self, budgets: Iterable[Budget], resources: Mapping[str, float]) -> bool:
+        return all_hold(budgets, resources, self.base)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def build(self, policy: Policy, finetune_steps: int = 0) -> nn.Module:
+        """The pruned, BN-recalibrated and fine-tuned model for ``policy`` (deterministic per seed)."""
+        model = self.pruner.prune(policy)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        plain = self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
+                                 drop_last=True)
+        recalibrate_bn(model, plain.infinite(), self.bn_batches, self.amp)
+        if finetune_steps > 0:
+            train = self.data.loader("train", self.batch_size, self.device, shuffle=True, augment=True,
+                                     generator=gen, drop_last=True)
+            teacher = self.model if self.distill > 0 else None
+            train_steps(model, train.infinite(), finetune_steps, self.finetune_lr, teacher=teacher,
+                        distill=self.distill, temperature=self.temperature, amp=self.amp)
+        return model.eval()
+
+    def evaluate(self, policy: Policy, finetune_steps: int = 0, split: str = "val") -> Evaluation:
+        """Prune, recalibrate, fine-tune ``finetune_steps`` steps and score on ``split``."""
+        key = (policy.key(), int(finetune_steps), split)
+        if key in self._cache:
+            return self._cache[key]
+        t0 = time.perf_counter()
+        model = self.build(policy, finetune_steps)
+        result = self.measure(model, split, finetune_steps, t0)
+        self._cache[key] = result
+        self.evaluations += 1
+        return result
+
+    def measure(self, model: nn.Module, split: str = "val", finetune_steps: int = 0,
+                t0: float | None = None) -> Evaluation:
+        """Score an already pruned model and measure its resources."""
+        t0 = time.perf_counter() if t0 is None else t0
+        acc, loss = score(model, self._loader(split), self.amp)
+        lat = self._latency(model) if self.latency else None
+        return Evaluation(
+            accuracy=acc,
+            loss=loss,
+            flops=count_flops(model, self.example_input),
+            params=count_params(model),
+            latency=lat,
+            seconds=time.perf_counter() - t0,
+            finetune_steps=int(finetune_steps),
+            split=split,
+        )
+
+    def remember(self, policy: Policy, finetune_steps: int, result: Evaluation) -> None:
+        """Seed the cache with a result recorded earlier (a resumed study)."""
+        self._cache[(policy.key(), int(finetune_steps), result.split)] = result
+
+    def _loader(self, split: str):
+        return self.data.loader(split, self.eval_batch_size, self.device)
+
+    def _latency(self, model: nn.Module) -> float:
+        return measure_latency(model, self.example_input, repeats=self.latency_repeats)

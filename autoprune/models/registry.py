@@ -1,0 +1,224 @@
+"""Build a model by name: the zoo, ``torchvision:NAME`` or ``path/to/file.py:factory``."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from torch import nn
+
+from autoprune.errors import InputError
+from autoprune.models.mobilenetv2 import mobilenet_v2
+from autoprune.models.resnet_cifar import resnet20, resnet32, resnet56, resnet110
+from autoprune.models.vgg import vgg16_bn
+
+__all__ = ["TORCHVISION_PREFIX", "build_model", "describe_models", "list_models"]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+# Keyword arguments a user factory receives when its signature names them.
+_FACTORY_KWARGS = ("num_classes", "in_channels", "image_size")
+
+
+@dataclass(frozen=True)
+class _ZooEntry:
+    build: Callable[[int, int, int], nn.Module]  # (in_channels, num_classes, image_size) -> model
+    description: str
+
+
+_ZOO: dict[str, _ZooEntry] = {
+    "resnet20": _ZooEntry(
+        lambda c, k, s: resnet20(num_classes=k, in_channels=c),
+        "ResNet-20 for small images (He et al., CVPR 2016): 3x3 BasicBlocks of 16/32/64 ch, 0.27M params",
+    ),
+    "resnet32": _ZooEntry(
+        lambda c, k, s: resnet32(num_classes=k, in_channels=c),
+        "ResNet-32 for small images (He et al., CVPR 2016): 3x5 BasicBlocks of 16/32/64 ch, 0.47M params",
+    ),
+    "resnet56": _ZooEntry(
+        lambda c, k, s: resnet56(num_classes=k, in_channels=c),
+        "ResNet-56 for small images (He et al., CVPR 2016): 3x9 BasicBlocks of 16/32/64 ch, 0.86M params",
+    ),
+    "resnet110": _ZooEntry(
+        lambda c, k, s: resnet110(num_classes=k, in_channels=c),
+        "ResNet-110 for small images (He et al., CVPR 2016): 3x18 BasicBlocks of 16/32/64 ch, 1.7M params",
+    ),
+    "vgg16_bn": _ZooEntry(
+        lambda c, k, s: vgg16_bn(num_classes=k, in_channels=c, image_size=s),
+        "VGG-16 with batch norm for small images (Simonyan & Zisserman, ICLR 2015): 13 convs, 15M params",
+    ),
+    "mobilenet_v2": _ZooEntry(
+        lambda c, k, s: mobilenet_v2(num_classes=k, in_channels=c),
+        "MobileNetV2 for small images (Sandler et al., CVPR 2018): stride-1 stem, inverted residuals, "
+        "2.2M params",
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names of the zoo models, sorted (``torchvision:NAME`` and ``file.py:factory`` also work)."""
+    return sorted(_ZOO)
+
+
+def describe_models() -> dict[str, str]:
+    """One line describing each zoo model, keyed by name in sorted order."""
+    return {name: _ZOO[name].description for name in list_models()}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Build an untrained model for ``in_channels`` x ``image_size`` x ``image_size`` inputs.
+
+    Args:
+        name: a zoo name (see :func:`list_models`); ``torchvision:NAME`` for any torchvision
+            classification model, built with ``weights=None`` and its first convolution replaced
+            when ``in_channels != 3``; or ``path/to/file.py:factory``, a function in that file called
+            with whichever of ``num_classes``, ``in_channels`` and ``image_size`` it accepts.
+        in_channels: channels of the input images.
+        num_classes: size of the output.
+        image_size: side of the square input images (the zoo's VGG drops max-pools that would
+            shrink a 1x1 feature map).
+
+    Raises:
+        InputError: unknown name, missing file or factory, or a factory that returns no module.
+    """
+    for arg, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("image_size", image_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{arg} must be a positive integer, got {value!r}")
+    name = name.strip()
+    if name.startswith(TORCHVISION_PREFIX):
+        return _build_torchvision(name[len(TORCHVISION_PREFIX) :], in_channels, num_classes)
+    file_part, sep, factory = name.rpartition(":")
+    if sep and file_part.endswith(".py"):
+        return _build_from_file(Path(file_part), factory, in_channels, num_classes, image_size)
+    if name.endswith(".py"):
+        raise InputError(f"model file {name!r} needs a factory function: write it as '{name}:FUNCTION'")
+    entry = _ZOO.get(name.lower())
+    if entry is None:
+        raise InputError(
+            f"unknown model {name!r}{_suggest(name.lower(), list_models())}; "
+            f"choose one of {', '.join(list_models())}, torchvision:NAME or path/to/file.py:factory"
+        )
+    return entry.build(in_channels, num_classes, image_size)
+
+
+def _build_torchvision(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision  # imported here: zoo users need not pay its import time
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise InputError(
+            f"unknown torchvision model {arch!r}{_suggest(arch, available)}; "
+            f"torchvision classification models are: {', '.join(available)}"
+        )
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, f"torchvision:{arch}")
+    return model
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int, label: str) -> None:
+    """Swap the first ``Conv2d`` (the stem) for one reading ``in_channels`` channels, same geometry."""
+    found = next(((path, m) for path, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if found is None:
+        raise InputError(f"{label} has no Conv2d whose input channels could be set to {in_channels}")
+    path, conv = found
+    if conv.groups != 1:
+        raise InputError(
+            f"{label}: the first convolution {path!r} is grouped; cannot adapt it to {in_channels} channels"
+        )
+    replacement = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    nn.init.kaiming_normal_(replacement.weight, mode="fan_out", nonlinearity="relu")
+    if replacement.bias is not None:
+        nn.init.zeros_(replacement.bias)
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, replacement)
+
+
+def _build_from_file(
+    path: Path, factory_name: str, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
+    spec = f"{path}:{factory_name}"
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise InputError(f"model file {str(path)!r} {problem} (from {spec!r})")
+    module = _import_file(path.resolve())
+    factory = getattr(module, factory_name, None) if factory_name.isidentifier() else None
+    if factory is None or not callable(factory):
+        functions = sorted(
+            n
+            for n, obj in vars(module).items()
+            if callable(obj) and not n.startswith("_") and getattr(obj, "__module__", None) == module.__name__
+        )
+        raise InputError(
+            f"no function {factory_name!r} in model file {str(path)!r}; "
+            f"functions defined there: {', '.join(functions) or 'none'}"
+        )
+    values = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    kwargs = {key: values[key] for key in _accepted_keywords(factory)}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise InputError(f"{spec} failed: {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_file(path: Path) -> ModuleType:
+    # A unique module name per file, registered in sys.modules so that dataclasses and pickling
+    # inside the user's file work; its folder is importable while it runs, for sibling imports.
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    module_name = f"autoprune_user_model_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"model file {str(path)!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise InputError(f"importing model file {str(path)!r} failed: {_one_line(exc)}") from exc
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def _accepted_keywords(factory: Callable[..., object]) -> list[str]:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return []
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [key for key in _FACTORY_KWARGS if key in parameters and parameters[key].kind in keyword_kinds]
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -1,0 +1,150 @@
+"""Policy: how much of each prunable group to remove, with the metadata to re-apply it.
+
+JSON form (schema ``autoprune.policy/1``)::
+
+    {"schema": "autoprune.policy/1",
+     "model": {"name": "resnet20", "dataset": "digits", "in_channels": 1, "num_classes": 10,
+               "image_size": 8, "groups": 9},
+     "granularity": "channel", "criterion": "l1",
+     "ratios": {"layer1.0.conv1": 0.5, ...},
+     "metrics": {...}, "search": {...}}
+
+A ratio is the fraction of channels *removed* from a group (0 keeps the group whole). Names are the
+module paths of each group's leading layer, as listed by :class:`autoprune.space.Space`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoprune.errors import InputError
+
+SCHEMA = "autoprune.policy/1"
+GRANULARITIES = ("channel",)
+
+
+@dataclass
+class Policy:
+    """Per-group removal ratios plus what is needed to re-apply and judge them."""
+
+    ratios: dict[str, float]
+    granularity: str = "channel"
+    criterion: str = "l1"
+    model: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ratios = {str(k): float(v) for k, v in self.ratios.items()}
+        for name, r in self.ratios.items():
+            if not (math.isfinite(r) and 0.0 <= r < 1.0):
+                raise InputError(f"policy ratio for {name!r} is {r}; a ratio removed must be in [0, 1)")
+
+    @classmethod
+    def uniform(cls, names: list[str], ratio: float, **kw: Any) -> Policy:
+        return cls({n: ratio for n in names}, **kw)
+
+    def key(self) -> tuple:
+        """A hashable identity for caches: what is pruned and how, not the metadata."""
+        return (
+            self.granularity,
+            self.criterion,
+            tuple(sorted((k, round(v, 6)) for k, v in self.ratios.items())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": dict(self.model),
+            "granularity": self.granularity,
+            "criterion": self.criterion,
+            "ratios": dict(self.ratios),
+            "metrics": dict(self.metrics),
+            "search": dict(self.search),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)  # never leave a half-written policy behind
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "policy") -> Policy:
+        if not isinstance(data, Mapping):
+            raise InputError(f"{source}: a policy must be a JSON object, got {type(data).__name__}")
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise InputError(f"{source}: unsupported schema {schema!r}; expected {SCHEMA!r}")
+        ratios = data.get("ratios")
+        if not isinstance(ratios, Mapping) or not ratios:
+            raise InputError(f"{source}: 'ratios' must be a non-empty object of group name -> ratio")
+        for name, r in ratios.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)):
+                raise InputError(f"{source}: ratio for {name!r} is {r!r}, not a number")
+        granularity = data.get("granularity", "channel")
+        if granularity not in GRANULARITIES:
+            raise InputError(
+                f"{source}: unknown granularity {granularity!r}; supported: {', '.join(GRANULARITIES)}"
+            )
+        for key in ("model", "metrics", "search"):
+            if not isinstance(data.get(key, {}), Mapping):
+                raise InputError(f"{source}: {key!r} must be a JSON object")
+        criterion = data.get("criterion", "l1")
+        if not isinstance(criterion, str):
+            raise InputError(f"{source}: 'criterion' must be a string")
+        try:
+            return cls(
+                ratios=dict(ratios),
+                granularity=granularity,
+                criterion=criterion,
+                model=dict(data.get("model", {})),
+                metrics=dict(data.get("metrics", {})),
+                search=dict(data.get("search", {})),
+            )
+        except InputError as e:
+            raise InputError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "policy") -> Policy:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"policy file {str(path)!r} does not exist")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"policy file {str(path)!r} cannot be read: {e}") from None
+        return cls.from_json(text, source=str(path))
+
+    def check_names(self, names: list[str], model_desc: str = "the model") -> None:
+        """Refuse a policy whose group names are not exactly the model's prunable groups."""
+        unknown = sorted(set(self.ratios) - set(names))
+        missing = [n for n in names if n not in self.ratios]
+        if unknown or missing:
+            parts = []
+            if unknown:
+                parts.append(f"{len(unknown)} unknown group(s) such as {unknown[0]!r}")
+            if missing:
+                parts.append(f"{len(missing)} missing group(s) such as {missing[0]!r}")
+            hint = ""
+            if self.model.get("name"):
+                hint = f" (the policy was made for {self.model.get('name')!r})"
+            raise InputError(f"policy does not fit {model_desc}: {' and '.join(parts)}{hint}")

@@ -1,0 +1,146 @@
+"""The command line end to end: search, export, apply, listings, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from autoprune.cli import main
+from autoprune.policy import Policy
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One real search on the embedded default (a briefly pretrained ResNet-20 on digits)."""
+    d = tmp_path_factory.mktemp("search")
+    storage = f"sqlite:///{d}/autoprune.db"
+    code = main(["search", "--agent", "random", "--trials", "3", "--finetune-steps", "10", "--budget-flops",
+                 "50%", "--pretrain-steps", "40", "--storage", storage, "-o", str(d / "best.json")])
+    assert code == 0
+    return d, storage
+
+
+def test_search_exports_a_feasible_policy(searched):
+    d, _ = searched
+    policy = Policy.load(d / "best.json")
+    assert policy.metrics["flops_ratio"] <= 0.5
+    assert policy.metrics["flops"] <= 0.5 * policy.metrics["base"]["flops"]
+    assert policy.model["name"] == "resnet20" and policy.model["dataset"] == "digits"
+    assert policy.search["agent"] == "random" and policy.search["finetune_steps"] == 10
+    assert 0 <= policy.metrics["test_accuracy"] <= 1
+
+
+def test_export_writes_the_best_trial(searched, capsys, tmp_path):
+    d, storage = searched
+    code, out, _ = run(capsys, "export", "--study", "resnet20-digits-random-flops50", "--storage", storage,
+                       "-o", str(tmp_path / "again.json"))
+    assert code == 0 and "exported trial" in out
+    again = Policy.load(tmp_path / "again.json")
+    assert again.ratios == Policy.load(d / "best.json").ratios
+
+
+def test_apply_reproduces_the_recorded_flops_and_accuracy(searched, capsys, tmp_path):
+    d, _ = searched
+    policy = Policy.load(d / "best.json")
+    code, out, _ = run(capsys, "apply", str(d / "best.json"), "-o", str(tmp_path / "pruned.pt"))
+    assert code == 0
+    assert f"validation accuracy {policy.metrics['accuracy']:.2%}" in out
+    model = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    from autoprune.cost import count_flops
+
+    x = torch.zeros(1, 1, 8, 8)
+    assert model(x).shape == (1, 10)
+    assert count_flops(model, x) == policy.metrics["flops"]
+
+
+def test_second_search_with_the_same_name_resumes(searched, capsys):
+    d, storage = searched
+    code, out, _ = run(capsys, "search", "--agent", "random", "--trials", "3", "--finetune-steps", "10",
+                       "--budget-flops", "50%", "--pretrain-steps", "40", "--storage", storage,
+                       "-o", str(d / "best2.json"))
+    assert code == 0
+    assert "0 new trial(s)" in out
+
+
+def test_listings(capsys):
+    code, out, _ = run(capsys, "agents")
+    assert code == 0 and "uniform" in out and "random" in out
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "resnet20" in out and "digits" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["search", "--budget-flops", "150%"], "outside"),
+        (["search", "--budget-flops", "0"], "outside"),
+        (["search", "--budget-flops", "-5%"], "outside"),
+        (["search", "--budget-flops", "abc"], "not a budget"),
+        (["search"], "at least one budget"),
+        (["search", "--budget-flops", "50%", "--agent", "nope"], "unknown agent"),
+        (["search", "--budget-flops", "50%", "--model", "resnet21"], "resnet21"),
+        (["search", "--budget-flops", "50%", "--dataset", "imagenet22k"], "imagenet22k"),
+        (["search", "--budget-flops", "50%", "--dataset", "cifar10", "--data-root", "/no/such/dir"],
+         "does not exist"),
+        (["search", "--budget-flops", "50%", "--criterion", "magic"], "unknown criterion"),
+        (["search", "--budget-flops", "50%", "--random-spread", "0.5", "--agent", "uniform"], "applies to"),
+        (["search", "--budget-flops", "50%", "--trials", "0"], "--trials"),
+        (["search", "--no-such-flag"], "unrecognized arguments"),
+        (["export", "--study", "nope", "--storage", "sqlite:///{tmp}/x.db", "-o", "{tmp}/p.json"], "no study"),
+        (["apply", "{tmp}/missing.json", "-o", "{tmp}/p.pt"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoprune: error:")
+    assert message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused(capsys, tmp_path):
+    from autoprune.models import build_model
+
+    torch.save(build_model("resnet32", 1, 10, 8).state_dict(), tmp_path / "r32.pt")
+    code, _, err = run(capsys, "search", "--budget-flops", "50%", "--checkpoint", str(tmp_path / "r32.pt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_policy_for_another_model_is_refused(searched, capsys, tmp_path):
+    d, _ = searched
+    code, _, err = run(capsys, "apply", str(d / "best.json"), "--model", "mobilenet_v2", "--checkpoint",
+                       str(_mobilenet_checkpoint(tmp_path)), "-o", str(tmp_path / "p.pt"))
+    assert code == 2
+    assert "policy does not fit mobilenet_v2" in err and "resnet20" in err
+
+
+def _mobilenet_checkpoint(tmp_path):
+    from autoprune.models import build_model
+
+    path = tmp_path / "mbv2.pt"
+    torch.save(build_model("mobilenet_v2", 1, 10, 8).state_dict(), path)
+    return path
+
+
+def test_malformed_policy_is_refused(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "autoprune.policy/1", "ratios": {"x": 2}}))
+    code, _, err = run(capsys, "apply", str(bad), "-o", str(tmp_path / "p.pt"))
+    assert code == 2 and "in [0, 1)" in err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--budget-flops", "150%"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("autoprune: error:") and "Traceback" not in proc.stderr
