@@ -11,6 +11,12 @@ JSON form (schema ``autoprune.policy/1``)::
 
 A ratio is the fraction of channels *removed* from a group (0 keeps the group whole). Names are the
 module paths of each group's leading layer, as listed by :class:`autoprune.space.Space`.
+
+Which channels a ratio removes is normally decided by the criterion, on the base model's weights. A
+policy may instead name them: the optional ``"keep"`` object maps a group to the sorted indices (into
+the unpruned group) of the channels it keeps, as agents that learn per-channel importances do
+(Pruning from Scratch keeps the channels with the largest gates). The pruner honours ``keep`` where it
+is given and the criterion elsewhere; each ``keep`` list must hold as many channels as its ratio keeps.
 """
 
 from __future__ import annotations
@@ -38,12 +44,22 @@ class Policy:
     model: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    keep: dict[str, list[int]] | None = None  # explicit kept channel indices per group (see module doc)
 
     def __post_init__(self) -> None:
         self.ratios = {str(k): float(v) for k, v in self.ratios.items()}
         for name, r in self.ratios.items():
             if not (math.isfinite(r) and 0.0 <= r < 1.0):
                 raise InputError(f"policy ratio for {name!r} is {r}; a ratio removed must be in [0, 1)")
+        if self.keep is not None:
+            self.keep = {str(k): sorted(int(i) for i in v) for k, v in self.keep.items()}
+            for name, idxs in self.keep.items():
+                if name not in self.ratios:
+                    raise InputError(f"policy 'keep' names {name!r}, which has no ratio")
+                if not idxs or idxs[0] < 0 or len(set(idxs)) != len(idxs):
+                    raise InputError(
+                        f"policy 'keep' for {name!r} must be distinct channel indices >= 0, at least one"
+                    )
 
     @classmethod
     def uniform(cls, names: list[str], ratio: float, **kw: Any) -> Policy:
@@ -51,14 +67,17 @@ class Policy:
 
     def key(self) -> tuple:
         """A hashable identity for caches: what is pruned and how, not the metadata."""
-        return (
+        key = (
             self.granularity,
             self.criterion,
             tuple(sorted((k, round(v, 6)) for k, v in self.ratios.items())),
         )
+        if self.keep is not None:  # only then, so that keys of criterion-only policies do not change
+            key += (tuple(sorted((k, tuple(v)) for k, v in self.keep.items())),)
+        return key
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema": SCHEMA,
             "model": dict(self.model),
             "granularity": self.granularity,
@@ -67,6 +86,9 @@ class Policy:
             "metrics": dict(self.metrics),
             "search": dict(self.search),
         }
+        if self.keep is not None:
+            out["keep"] = {k: list(v) for k, v in self.keep.items()}
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -103,6 +125,14 @@ class Policy:
         criterion = data.get("criterion", "l1")
         if not isinstance(criterion, str):
             raise InputError(f"{source}: 'criterion' must be a string")
+        keep = data.get("keep")
+        if keep is not None:
+            if not isinstance(keep, Mapping) or not all(
+                isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                for v in keep.values()
+            ):
+                raise InputError(f"{source}: 'keep' must be an object of group name -> list of channel indices")
+            keep = {k: list(v) for k, v in keep.items()}
         try:
             return cls(
                 ratios=dict(ratios),
@@ -111,6 +141,7 @@ class Policy:
                 model=dict(data.get("model", {})),
                 metrics=dict(data.get("metrics", {})),
                 search=dict(data.get("search", {})),
+                keep=keep,
             )
         except InputError as e:
             raise InputError(f"{source}: {e}") from None

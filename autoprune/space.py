@@ -257,6 +257,24 @@ class Space:
         if unknown:
             raise InputError(f"{unknown[0]!r} is not a prunable group of this model")
 
+    def layers(self) -> list[Layer]:
+        """The conv and linear layers of the cost model, in execution order, with the groups that set
+        their input and output channels and the shapes they see (for per-layer latency tables)."""
+        if getattr(self, "_layers", None) is None:
+            shapes = _io_shapes(self.model, self.example_input)
+            names = [g.name for g in self.groups]
+            terms = {t.name: t for t in self._terms if t.kind in ("conv", "depthwise", "linear")}
+            self._layers = [
+                Layer(
+                    name=n, kind=terms[n].kind, in_channels=terms[n].in_full, out_channels=terms[n].out_full,
+                    in_groups=tuple((names[g], m) for g, m in terms[n].in_terms),
+                    out_groups=tuple((names[g], m) for g, m in terms[n].out_terms),
+                    input_shape=shapes[n][0], output_shape=shapes[n][1],
+                )
+                for n in shapes if n in terms
+            ]
+        return list(self._layers)
+
     def describe(self) -> list[dict]:
         return [
             {
@@ -268,6 +286,46 @@ class Space:
             }
             for g in self.groups
         ]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv or linear layer as the cost model sees it (see :meth:`Space.layers`).
+
+    ``in_groups`` / ``out_groups`` list ``(group name, layer channels per group channel)``: removing
+    ``k`` channels of such a group removes ``k * per_channel`` of the layer's input (output) channels.
+    Shapes are those of one sample of the example input (batch dimension 1).
+    """
+
+    name: str
+    kind: str  # conv, depthwise or linear
+    in_channels: int
+    out_channels: int
+    in_groups: tuple[tuple[str, float], ...]
+    out_groups: tuple[tuple[str, float], ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+@torch.no_grad()
+def _io_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) of the first call of every conv and linear layer, in execution order."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            def hook(mod, inp, out, name=name):
+                shapes.setdefault(name, (tuple(inp[0].shape), tuple(out.shape)))
+            handles.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
 
 
 def _replace(g: Group, **kw) -> Group:

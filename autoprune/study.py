@@ -184,13 +184,25 @@ def best_policy(study: optuna.Study) -> Policy:
         **{k: v for k, v in a.items() if k.startswith("final_")},
     }
     policy.search = {
+        **policy.search,  # what the agent wrote into the recorded policy (e.g. its hyperparameters)
         "study": study.study_name,
         "trial": trial.number,
         "agent": a.get("agent"),
         "trials": len(completed(study)),
         **info.get("settings", {}),
     }
+    if len(study.directions) > 1:  # a multi-objective study: the feasible Pareto front, best first
+        policy.search["pareto_front"] = pareto_front(study)
     return policy
+
+
+def pareto_front(study: optuna.Study) -> list[dict[str, Any]]:
+    """The feasible non-dominated trials of a multi-objective study (number, values, params, accuracy),
+    most accurate first."""
+    front = [t for t in study.best_trials if t.user_attrs.get("feasible")]
+    front.sort(key=lambda t: (-t.user_attrs.get("accuracy", 0.0), t.number))
+    return [{"trial": t.number, "values": list(t.values), "params": dict(t.params),
+             "accuracy": t.user_attrs.get("accuracy")} for t in front]
 
 
 def set_study_info(study: optuna.Study, **info: Any) -> None:

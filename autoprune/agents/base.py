@@ -26,6 +26,7 @@ from importlib import metadata
 from typing import Any, ClassVar
 
 import optuna
+from torch import nn
 
 from autoprune.budget import Budget, format_amount
 from autoprune.errors import CandidateError, InputError
@@ -108,11 +109,15 @@ class SearchContext:
         for b in self.budgets:
             b.check_reachable(self.base[b.resource])
         self._recorded: dict[tuple, Evaluation] = {}
+        self._measured: list[Evaluation] = []  # models the agent built itself: not the evaluator's answer
         for trial in completed(study):
             try:
                 pol = policy_of(trial)
                 res = evaluation_of(trial)
             except (InputError, KeyError):
+                continue
+            if trial.user_attrs.get("measured_by_agent"):
+                self._measured.append(res)
                 continue
             self._recorded[(pol.key(), res.finetune_steps, res.split)] = res
             evaluator.remember(pol, res.finetune_steps, res)
@@ -199,27 +204,81 @@ class SearchContext:
         try:
             result = self.evaluator.evaluate(policy, steps)
         except CandidateError as e:
-            record_failure(self.study, policy, str(e), agent=self.agent, params=params,
-                           distributions=distributions)
-            self.reporter.advance(None, False, self._best_value())
+            self.record_failure(policy, str(e), params=params, distributions=distributions)
             return None
-        feasible = self.evaluator.feasible(self.budgets, result.resources())
+        except KeyboardInterrupt:
+            # Ctrl-C: the running candidate is kept as a failed trial, then the search stops
+            self.record_failure(policy, "interrupted by the user", params=params, distributions=distributions)
+            raise
+        self._recorded[key] = result
+        self._record(policy, result, params=params, distributions=distributions, values=values, extra=extra)
+        return result
+
+    def record_failure(self, policy: Policy | None, reason: str, *, params: Mapping[str, float] | None = None,
+                       distributions: Mapping[str, Any] | None = None) -> None:
+        """Record a candidate that failed (e.g. a diverging fine-tune) as a failed trial."""
+        record_failure(self.study, policy, reason, agent=self.agent, params=params, distributions=distributions)
+        self.reporter.advance(None, False, self._best_value())
+
+    def _record(self, policy: Policy, result: Evaluation, *, params: Mapping[str, float] | None,
+                distributions: Mapping[str, Any] | None, values: Callable[[Evaluation], list[float]] | None,
+                extra: Mapping[str, Any] | None) -> None:
+        """The one place a measured candidate becomes a trial: feasibility, constraints, progress."""
+        feasible = self.is_feasible(result)
         record(
             self.study, policy, result, agent=self.agent, feasible=feasible,
             constraints=constraint_values(self.budgets, result.resources(), self.base), base=self.base,
             params=params, distributions=distributions,
             values=values(result) if values is not None else None, extra=extra,
         )
-        self._recorded[key] = result
         self.evaluated += 1
         self.reporter.advance(result, feasible, self._best_value())
+
+    def record_measured(
+        self,
+        policy: Policy,
+        result: Evaluation,
+        *,
+        params: Mapping[str, float] | None = None,
+        distributions: Mapping[str, Any] | None = None,
+        values: Callable[[Evaluation], list[float]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Evaluation:
+        """Record, as one trial, an evaluation the agent measured itself (with
+        ``evaluator.measure``) on a model it built otherwise than the shared evaluator does, e.g. the
+        pruned architecture trained from fresh weights (Pruning from Scratch). Feasibility is decided
+        on ``result`` as in :meth:`evaluate`; the result is not cached as the policy's evaluation (the
+        trial carries ``measured_by_agent``, so a resumed search does not take it for one either)."""
+        self._measured.append(result)
+        self._record(policy, result, params=params, distributions=distributions, values=values,
+                     extra={**(extra or {}), "measured_by_agent": True})
         return result
+
+    def record_model(
+        self,
+        policy: Policy,
+        model: nn.Module,
+        finetune_steps: int,
+        seconds: float,
+        *,
+        params: Mapping[str, float] | None = None,
+        distributions: Mapping[str, Any] | None = None,
+        values: Callable[[Evaluation], list[float]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Evaluation:
+        """Measure ``model``, a pruned model the agent built itself for ``policy`` (e.g. ICE-Pick's
+        iterative pruning), on the validation split and record it as one trial (:meth:`record_measured`).
+        ``finetune_steps`` and ``seconds`` are what building it took; the recorded ``seconds`` add the
+        measurement."""
+        result = self.evaluator.measure(model, "val", finetune_steps, time.perf_counter() - seconds)
+        return self.record_measured(policy, result, params=params, distributions=distributions,
+                                    values=values, extra=extra)
 
     def is_feasible(self, result: Evaluation) -> bool:
         return self.evaluator.feasible(self.budgets, result.resources())
 
     def _best_value(self) -> float | None:
-        feasible = [r.accuracy for r in self._recorded.values() if self.is_feasible(r)]
+        feasible = [r.accuracy for r in [*self._recorded.values(), *self._measured] if self.is_feasible(r)]
         return max(feasible) if feasible else None
 
     def best(self) -> SearchResult:
@@ -240,6 +299,11 @@ class Agent(abc.ABC):
     description: ClassVar[str] = ""
     default_trials: ClassVar[int] = 20
     options: ClassVar[dict[str, Option]] = {}
+    # True when candidates are independent draws, so that `autoprune worker` processes may share the study
+    parallel: ClassVar[bool] = False
+    # the study's objectives: the first is always the validation accuracy; agents recording more
+    # values per trial (``ctx.evaluate(..., values=...)``) declare their directions here
+    directions: ClassVar[tuple[str, ...]] = ("maximize",)
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))

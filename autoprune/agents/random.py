@@ -19,6 +19,7 @@ class RandomAgent(Agent):
     name = "random"
     description = "random per-group ratios projected onto the budget, best of N"
     default_trials = 20
+    parallel = True
     options = {
         "spread": Option(float, 1.0, "scale of the random draws, as a fraction of max_ratio"),
     }

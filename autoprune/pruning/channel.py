@@ -95,14 +95,28 @@ class ChannelPruner:
         return self._scores[criterion]
 
     def removed_channels(self, policy: Policy) -> dict[str, list[int]]:
-        """Indices (into the unpruned group) that ``policy`` removes from each group."""
+        """Indices (into the unpruned group) that ``policy`` removes from each group: the complement
+        of ``policy.keep`` where the policy names the kept channels, else the lowest-scoring ones."""
         self.space.check_names(policy.ratios)
-        scores = self.scores(policy.criterion)
+        keep = policy.keep or {}
+        self.space.check_names(keep)
         removed = {}
         for g in self.space.prunable:
-            n = g.channels - keep_count(g.channels, policy.ratios.get(g.name, 0.0))
+            kept = keep_count(g.channels, policy.ratios.get(g.name, 0.0))
+            if g.name in keep:
+                idxs = keep[g.name]
+                if len(idxs) != kept or idxs[-1] >= g.channels:
+                    raise InputError(
+                        f"policy 'keep' for {g.name!r} lists {len(idxs)} channel(s) (largest index {idxs[-1]}); "
+                        f"its ratio keeps {kept} of {g.channels}"
+                    )
+                gone = sorted(set(range(g.channels)) - set(idxs))
+                if gone:
+                    removed[g.name] = gone
+                continue
+            n = g.channels - kept
             if n > 0:
-                order = torch.argsort(scores[g.name], stable=True)
+                order = torch.argsort(self.scores(policy.criterion)[g.name], stable=True)
                 removed[g.name] = sorted(order[:n].tolist())
         return removed
 

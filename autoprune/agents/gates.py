@@ -1,0 +1,302 @@
+"""Pruning from Scratch (Wang, Zhang, Li, Xie, Bai, Wang, AAAI 2020): learn channel gates on a
+network whose weights stay at their random initialisation, then read the pruned structure off them.
+
+1. A scalar gate per channel of every prunable group, multiplied into the output after batch norm
+   (:class:`autoprune.pruning.gates.ChannelGates`; coupled layers share one gate vector).
+2. The weights are frozen at a fresh random initialisation (``--gates-from pretrained``: the trained
+   ones); the gates start at 1 and are learned with Adam (lr 0.01) on
+   ``CE + lambda * (mean|g| - r)^2`` (Eq. 2; lambda 0.5, r 0.2), clamped to [0, 1] after each step.
+3. Every ``snapshot_every`` steps the gates are kept with the gated network's validation accuracy.
+   The run's gates are the most accurate snapshot among those that reached the target sparsity,
+   here read as ``mean|g| <= r + sparsity_tol`` (the quantity the regulariser drives to r).
+4. One global threshold over all gates is bisected until the pruned structure meets every budget
+   as tightly as whole channels allow (:func:`autoprune.pruning.gates.threshold_structure`). The
+   channels kept are those with the largest gates, carried in the policy's ``keep`` field so that
+   ``autoprune apply`` reproduces the same channels (``--gates-keep gates``, the default for gates
+   learned on pretrained weights). Gates learned on random weights rank the channels of a random
+   network, which have no counterpart in the trained one that is fine-tuned here, so by default
+   (``auto``) only their per-group counts are used and the criterion picks the channels.
+5. The structure is scored by the shared evaluator, like every agent's candidates: pruned from the
+   trained base model, BN-recalibrated, fine-tuned ``--finetune-steps``. ``--gates-train-from-scratch
+   STEPS`` also trains the pruned architecture from fresh weights, as the paper does, and records
+   that as one more trial (user attribute ``gates_role = "scratch"``).
+
+Several values of ``--gates-lambda`` / ``--gates-r`` (comma-separated) give one gate-learning run
+each; every run is one Optuna trial whose params are its lambda and r.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from optuna.distributions import FloatDistribution
+from torch import nn
+
+from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
+from autoprune.errors import InputError
+from autoprune.evaluator import Evaluation
+from autoprune.models._init import kaiming_init
+from autoprune.policy import Policy
+from autoprune.pruning.gates import ChannelGates, sparsity_penalty, threshold_structure
+from autoprune.study import completed, evaluation_of, policy_of
+from autoprune.training import autocast, score, train_steps
+
+SCRATCH_LR = 0.1  # peak LR of the from-scratch training (cosine, SGD momentum 0.9, as CIFAR ResNets use)
+
+
+def _floats(text: str | float | Sequence[float]) -> tuple[float, ...]:
+    """``"0.5"`` or ``"0.5,1"`` (or numbers) -> a tuple of floats: one gate-learning run per value."""
+    if isinstance(text, (int, float)):
+        return (float(text),)
+    if isinstance(text, str):
+        try:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+    else:
+        values = tuple(float(v) for v in text)
+    if not values:
+        raise InputError("give at least one value")
+    return values
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The gates after ``step`` steps, their mean absolute value and the gated network's accuracy."""
+
+    step: int
+    gates: dict[str, torch.Tensor]
+    mean: float
+    accuracy: float
+
+
+def reinitialise(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` with fresh random weights: every layer's own reset, then the zoo's He initialisation
+    for convolutions, batch norms and linear layers. Seeded, and the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and m is not model:
+                m.reset_parameters()
+        kaiming_init(model)
+    return model
+
+
+def learn_gates(
+    model: nn.Module,
+    gates: ChannelGates,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    lam: float,
+    r: float,
+    snapshot_every: int,
+    accuracy: Any,
+    amp: bool = False,
+) -> list[Snapshot]:
+    """Learn ``gates`` on the frozen ``model`` (Sec. 3.1) and return the snapshots taken.
+
+    Only the gates are optimised (Adam); the model's parameters get no gradient. Batch norm runs in
+    training mode (batch statistics), as when the weights themselves are trained. ``accuracy(model)``
+    scores the gated model for a snapshot.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(gates.parameters(), lr=lr)
+    device = gates.gates[0].device
+    snapshots = []
+
+    def snap(step: int) -> None:
+        acc = accuracy(model)
+        model.train()
+        with torch.no_grad():
+            mean = float(gates.vector().abs().mean())
+        snapshots.append(Snapshot(step, gates.as_dict(), mean, acc))
+
+    model.train()
+    for step, (x, y) in zip(range(1, steps + 1), batches):
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss = loss + lam * sparsity_penalty(gates.vector(), r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        gates.clamp_()
+        if step % snapshot_every == 0 or step == steps:
+            snap(step)
+    return snapshots
+
+
+def choose(snapshots: list[Snapshot], r: float, tol: float) -> tuple[Snapshot, bool]:
+    """The most accurate snapshot whose mean |gate| reached ``r`` (within ``tol``; later wins a tie),
+    and whether any did; if none did, the sparsest one."""
+    reached = [s for s in snapshots if s.mean <= r + tol]
+    if reached:
+        return max(reached, key=lambda s: (s.accuracy, s.step)), True
+    return min(snapshots, key=lambda s: (s.mean, -s.step)), False
+
+
+@register
+class GatesAgent(Agent):
+    """Pruning from Scratch: channel gates learned on random (or trained) frozen weights under a
+    sparsity regulariser, one global threshold bisected to the budget, the largest gates kept."""
+
+    name = "gates"
+    description = "Pruning from Scratch: gates learned on frozen random weights, thresholded to the budget"
+    default_trials = 10
+    options = {
+        "lambda": Option(_floats, 0.5, "weight of the sparsity regulariser (comma-separated: one run each)"),
+        "r": Option(_floats, 0.2, "target mean gate r (comma-separated: one run each)"),
+        "steps": Option(int, 300, "gate-learning steps per run"),
+        "lr": Option(float, 0.01, "Adam learning rate of the gates"),
+        "snapshot_every": Option(int, 25, "steps between gate snapshots"),
+        "sparsity_tol": Option(float, 0.05, "a snapshot has reached r when mean|g| <= r + this"),
+        "from": Option(str, "random", "weights the gates are learned on", choices=("random", "pretrained")),
+        "keep": Option(str, "auto", "which channels the structure keeps: the largest gates, or the criterion's "
+                       "choice on the trained weights (auto: gates when learned on the pretrained weights, "
+                       "else the criterion)", choices=("auto", "gates", "criterion")),
+        "train_from_scratch": Option(int, 0, "also train the chosen structure from fresh weights this many "
+                                     "steps and record it as a trial (0: off)"),
+    }
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        lambdas, rs = _floats(getattr(self, "lambda")), _floats(self.r)
+        for name, value in (("steps", self.steps), ("snapshot_every", self.snapshot_every)):
+            if int(value) < 1:
+                raise InputError(f"--gates-{name.replace('_', '-')} must be >= 1, got {value}")
+        if any(not 0.0 <= r <= 1.0 for r in rs):
+            raise InputError(f"--gates-r must be in [0, 1], got {', '.join(map(str, rs))}")
+        if any(lam < 0 for lam in lambdas):
+            raise InputError(f"--gates-lambda must be >= 0, got {', '.join(map(str, lambdas))}")
+        ev = ctx.evaluator
+        runs: list[tuple[Policy, Evaluation, dict[str, Any]]] = []
+        for i, (lam, r) in enumerate((lam, r) for lam in lambdas for r in rs):
+            if ctx.should_stop():
+                break
+            settings = self.run_settings(ctx, lam, r, i)
+            done = self.recorded_run(ctx, settings)
+            if done is not None:  # a resumed search: this run was learned and recorded already
+                runs.append(done)
+                continue
+            t0 = time.perf_counter()
+            gates, snapshot, reached = self.learn(ctx, lam, r, run=i)
+            ratios, keep = self.structure(ctx, gates)
+            if self.keeps_gates():
+                policy = ev.policy(ratios, criterion="gates", keep=keep)
+            else:
+                policy = ev.policy(ratios)
+            info = {
+                **settings, "gates_step": snapshot.step, "gates_mean": snapshot.mean,
+                "gates_accuracy": snapshot.accuracy, "gates_reached_r": reached,
+                "gates_seconds": time.perf_counter() - t0,
+            }
+            ctx.reporter.message(
+                f"gates run {i}: lambda {lam:g}, r {r:g}: snapshot at step {snapshot.step}, "
+                f"mean|g| {snapshot.mean:.3f}, gated accuracy {snapshot.accuracy:.2%}"
+            )
+            result = ctx.evaluate(policy, params={"lambda": lam, "r": r},
+                                  distributions=_distributions(lam), extra=info)
+            if result is not None:
+                runs.append((policy, result, info))
+
+        best = ctx.best()
+        if not runs:
+            best.info["failed"] = True
+            return best
+        policy, result, info = max(runs, key=lambda t: (t[1].accuracy, -t[1].flops))
+        best.info.update({k: v for k, v in info.items() if k != "gates_role"})
+        if self.train_from_scratch > 0 and not ctx.should_stop():
+            scratch = self.scratch(ctx, policy, info)
+            best.info["scratch_accuracy"] = scratch.accuracy
+            best = _with_info(ctx.best(), best.info)
+        return best
+
+    def run_settings(self, ctx: SearchContext, lam: float, r: float, run: int) -> dict[str, Any]:
+        """What decides a gate-learning run's outcome (recorded as trial attributes)."""
+        return {
+            "gates_role": "run", "gates_run": run, "gates_lambda": lam, "gates_r": r,
+            "gates_from": getattr(self, "from"),
+            "gates_keep": "gates" if self.keeps_gates() else ctx.evaluator.criterion,
+            "gates_steps": self.steps, "gates_lr": self.lr, "gates_snapshot_every": self.snapshot_every,
+            "gates_sparsity_tol": self.sparsity_tol, "gates_seed": ctx.seed + run,
+        }
+
+    def recorded_run(self, ctx: SearchContext, settings: dict[str, Any]
+                     ) -> tuple[Policy, Evaluation, dict[str, Any]] | None:
+        for trial in completed(ctx.study):
+            a = trial.user_attrs
+            if a.get("finetune_steps") == ctx.finetune_steps and all(a.get(k) == v for k, v in settings.items()):
+                return policy_of(trial), evaluation_of(trial), {k: a[k] for k in a if k.startswith("gates_")}
+        return None
+
+    def keeps_gates(self) -> bool:
+        """Whether the kept channels are the largest gates. Gates learned on random weights rank
+        channels of the *random* network, which have no counterpart in the trained one the shared
+        evaluator prunes and fine-tunes; there the structure (channels per group) is what they tell,
+        and the criterion picks the channels (the paper retrains from scratch, where it does not matter)."""
+        return self.keep == "gates" or (self.keep == "auto" and getattr(self, "from") == "pretrained")
+
+    # -- step 2-3: gate learning --------------------------------------------------------------
+    def learn(self, ctx: SearchContext, lam: float, r: float, run: int = 0
+              ) -> tuple[dict[str, torch.Tensor], Snapshot, bool]:
+        ev = ctx.evaluator
+        model = copy.deepcopy(ev.model)
+        if getattr(self, "from") == "random":
+            reinitialise(model, ctx.seed + run)
+        gates = ChannelGates(ev.space, model)
+        gen = torch.Generator(device=ev.device).manual_seed(ctx.seed + run)
+        train = ev.data.loader("train", ev.batch_size, ev.device, shuffle=True, augment=True,
+                               generator=gen, drop_last=True)
+        val = ev.data.loader("val", ev.eval_batch_size, ev.device)
+        snapshots = learn_gates(
+            model, gates, train.infinite(), steps=self.steps, lr=self.lr, lam=lam, r=r,
+            snapshot_every=self.snapshot_every, accuracy=lambda m: score(m, val, ev.amp)[0], amp=ev.amp,
+        )
+        gates.remove()
+        snapshot, reached = choose(snapshots, r, self.sparsity_tol)
+        return snapshot.gates, snapshot, reached
+
+    # -- step 4: one global threshold ---------------------------------------------------------
+    def structure(self, ctx: SearchContext, gates: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, float], dict[str, list[int]]]:
+        try:
+            return threshold_structure(gates, ctx.fits, ctx.max_ratio)
+        except ValueError:
+            ctx.unreachable()
+            raise InputError("budget cannot be met at --max-ratio with at least one channel per group") from None
+
+    # -- step 5 (optional): the pruned architecture trained from scratch ----------------------
+    def scratch(self, ctx: SearchContext, policy: Policy, info: dict[str, Any]) -> Evaluation:
+        ev = ctx.evaluator
+        for trial in completed(ctx.study):  # a resumed search: trained and recorded already
+            a = trial.user_attrs
+            if (a.get("gates_role") == "scratch" and a.get("scratch_steps") == self.train_from_scratch
+                    and policy_of(trial).key() == policy.key()):
+                return evaluation_of(trial)
+        t0 = time.perf_counter()
+        model = reinitialise(ev.pruner.prune(policy), ctx.seed)
+        gen = torch.Generator(device=ev.device).manual_seed(ctx.seed)
+        train = ev.data.loader("train", ev.batch_size, ev.device, shuffle=True, augment=True,
+                               generator=gen, drop_last=True)
+        train_steps(model, train.infinite(), self.train_from_scratch, SCRATCH_LR, amp=ev.amp)
+        result = ev.measure(model.eval(), "val", self.train_from_scratch, t0)
+        extra = {**info, "gates_role": "scratch", "trained_from_scratch": True,
+                 "scratch_steps": self.train_from_scratch, "scratch_lr": SCRATCH_LR}
+        return ctx.record_measured(policy, result, params={"lambda": info["gates_lambda"], "r": info["gates_r"]},
+                                   distributions=_distributions(info["gates_lambda"]), extra=extra)
+
+
+def _distributions(lam: float) -> dict[str, FloatDistribution]:
+    return {"lambda": FloatDistribution(0.0, max(10.0, lam)), "r": FloatDistribution(0.0, 1.0)}
+
+
+def _with_info(result: SearchResult, info: dict[str, Any]) -> SearchResult:
+    result.info.update(info)
+    return result

@@ -1,0 +1,163 @@
+"""Channel gates: one learnable scalar per channel of every prunable group (Wang et al., "Pruning
+from Scratch", AAAI 2020, Sec. 3).
+
+A gate vector ``g`` of a group multiplies, channel by channel, every output that carries the group's
+channels: the batch norm that follows each of its convolutions (or the layer itself when no batch
+norm follows it). Coupled layers therefore share one gate per channel, so a gate closing at zero
+silences a channel everywhere the group would physically remove it. Gates act through forward hooks
+on a copy of the model, which leaves the model's own code and weights alone.
+
+The structure a gate vector implies is read by :func:`threshold_structure`: one global threshold over
+all gates (Sec. 3.2), found by bisection until the pruned model meets the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from autoprune.space import Space
+
+
+def gate_targets(space: Space, model: nn.Module | None = None) -> dict[str, list[str]]:
+    """For every prunable group, the modules whose outputs carry its channels and get its gate.
+
+    Each convolution or linear layer among the group's members (``Group.members``: the modules whose
+    out-channels the group removes) is gated after the batch norm that directly consumes it when that
+    norm is a member too, else at its own output. In a group with depthwise convolutions (MobileNetV2's
+    expansion conv feeding a depthwise one) only the depthwise layers are gated, so that no channel is
+    multiplied by its gate twice along one path.
+    """
+    model = space.model if model is None else model
+    modules = dict(model.named_modules())
+    out: dict[str, list[str]] = {}
+    for g in space.prunable:
+        members = set(g.members)
+        layers = [n for n in g.members if isinstance(space.modules[n], (nn.modules.conv._ConvNd, nn.Linear))]
+        depthwise = [n for n in layers if _is_depthwise(space.modules[n])]
+        targets = []
+        for name in depthwise or layers:
+            node = space.dg.module2node.get(space.modules[name])
+            follower = None
+            if node is not None and len(node.outputs) == 1:
+                nxt = space.module_names.get(node.outputs[0].module)
+                if nxt in members and isinstance(space.modules[nxt], nn.modules.batchnorm._NormBase):
+                    follower = nxt
+            targets.append(follower or name)
+        out[g.name] = [t for t in dict.fromkeys(targets) if t in modules]
+    return out
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
+
+
+class ChannelGates(nn.Module):
+    """The gates of every prunable group of ``space``, hooked into ``model`` (a copy of the space's
+    model with the same module names). Gates start at 1: the gated model computes what ``model`` does.
+
+    ``gates[i]`` belongs to group ``names[i]``; :meth:`remove` takes the hooks off again.
+    """
+
+    def __init__(self, space: Space, model: nn.Module) -> None:
+        super().__init__()
+        targets = gate_targets(space, model)
+        self.names = [g.name for g in space.prunable]
+        self.gates = nn.ParameterList(
+            [nn.Parameter(torch.ones(space.by_name[n].channels, device=_device(model))) for n in self.names]
+        )
+        modules = dict(model.named_modules())
+        self._handles = []
+        for gate, name in zip(self.gates, self.names):
+            for target in targets[name]:
+                self._handles.append(modules[target].register_forward_hook(_multiply(gate)))
+
+    def vector(self) -> torch.Tensor:
+        """Every gate of the network, groups in order, as one vector."""
+        return torch.cat(list(self.gates))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {n: g.detach().clone().cpu() for n, g in zip(self.names, self.gates)}
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project every gate onto [0, 1] (done after each optimiser step, Sec. 3.1)."""
+        for g in self.gates:
+            g.clamp_(0.0, 1.0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _multiply(gate: nn.Parameter) -> Callable:
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (output.dim() - 2)
+        return output * gate.to(output.dtype).view(shape)
+
+    return hook
+
+
+def sparsity_penalty(gates: torch.Tensor, r: float) -> torch.Tensor:
+    """The gate regulariser of Eq. (2): ``(||g||_1 / N - r)^2``, the squared gap between the mean
+    absolute gate and the target ``r``. The loss is ``CE + lambda * sparsity_penalty(g, r)``."""
+    return (gates.abs().mean() - r) ** 2
+
+
+def threshold_structure(
+    gates: Mapping[str, torch.Tensor],
+    fits: Callable[[dict[str, float]], bool],
+    max_ratio: float = 1.0,
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Turn gates into per-group channel counts with one global threshold (Sec. 3.2).
+
+    Channels are ordered by gate over the whole network (ties broken by group order, then by channel
+    index, so the order is total), and the threshold is bisected over that order: the smallest number
+    of lowest-gated channels whose removal makes ``fits(ratios)`` true. Removing one channel fewer
+    breaks a budget, so the budget is met as tightly as whole channels allow. Every group keeps at
+    least one channel and loses at most ``max_ratio`` of them; the channels kept are those with the
+    largest gates. Returns ``(ratios removed, kept channel indices)`` per group.
+
+    ``fits`` must be monotone (removing more channels never breaks a budget), as FLOPs and
+    parameter counts are; measured latency is close to it.
+    """
+    names = list(gates)
+    sizes = {n: int(gates[n].numel()) for n in names}
+    cap = {n: min(sizes[n] - 1, int(math.floor(max_ratio * sizes[n] + 1e-9))) for n in names}
+    # one global order over every removable channel: the per-group ascending order, capped, merged
+    candidates = []
+    for gi, n in enumerate(names):
+        g = gates[n].detach().float().cpu()
+        order = sorted(range(sizes[n]), key=lambda i: (float(g[i]), i))
+        candidates += [(float(g[i]), gi, i, n) for i in order[: cap[n]]]
+    candidates.sort()
+
+    def structure(k: int) -> tuple[dict[str, float], dict[str, list[int]]]:
+        gone: dict[str, set[int]] = {n: set() for n in names}
+        for _, _, i, n in candidates[:k]:
+            gone[n].add(i)
+        ratios = {n: len(gone[n]) / sizes[n] for n in names}
+        keep = {n: [i for i in range(sizes[n]) if i not in gone[n]] for n in names}
+        return ratios, keep
+
+    if fits(structure(0)[0]):
+        return structure(0)
+    if not fits(structure(len(candidates))[0]):
+        raise ValueError("the budget cannot be met even at the largest ratio every group allows")
+    lo, hi = 0, len(candidates)  # lo does not fit, hi fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(structure(mid)[0]):
+            hi = mid
+        else:
+            lo = mid
+    return structure(hi)

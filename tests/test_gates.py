@@ -1,0 +1,195 @@
+"""Pruning from Scratch: channel gates, their regulariser, the global threshold, the policy's kept
+channels and the gates agent, on a real ResNet-20 trained on digits."""
+
+import copy
+
+import pytest
+import torch
+
+import autoprune.agents.gates  # noqa: F401  (registers the agent)
+from autoprune.agents import SearchContext, get_agent
+from autoprune.agents.gates import learn_gates, reinitialise
+from autoprune.budget import parse_budget
+from autoprune.cost import count_flops
+from autoprune.errors import InputError
+from autoprune.evaluator import Evaluator
+from autoprune.policy import Policy
+from autoprune.pruning.gates import ChannelGates, gate_targets, sparsity_penalty, threshold_structure
+from autoprune.study import completed, open_study, policy_of
+
+
+@pytest.fixture(scope="module")
+def evaluator(trained_resnet20, digits):
+    return Evaluator(trained_resnet20, digits, device="cpu", bn_batches=3, seed=0)
+
+
+def context(evaluator, tmp_path, budgets, trials=None, name="g"):
+    study = open_study(name, f"sqlite:///{tmp_path}/db.sqlite3")
+    return SearchContext(evaluator, budgets, study, "gates", n_trials=trials, seed=1)
+
+
+def random_gates(evaluator, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {g.name: torch.rand(g.channels, generator=gen) for g in evaluator.space.prunable}
+
+
+def test_regulariser_is_the_squared_gap_between_mean_gate_and_target():
+    gates = torch.tensor([1.0, 0.0, 0.5, -0.5])  # mean |g| = 0.5
+    assert float(sparsity_penalty(gates, 0.2)) == pytest.approx(0.09)
+    assert float(sparsity_penalty(torch.full((7,), 0.2), 0.2)) == pytest.approx(0.0)
+
+
+def test_gates_sit_after_batch_norm_and_coupled_layers_share_one_vector(evaluator):
+    targets = gate_targets(evaluator.space)
+    assert targets["layer1.0.conv1"] == ["layer1.0.bn1"]
+    # the residual stream of stage 2: the downsample's BN and every block's second BN, one gate vector
+    assert set(targets["layer2.0.downsample.0"]) == {
+        "layer2.0.downsample.1", "layer2.0.bn2", "layer2.1.bn2", "layer2.2.bn2"}
+    model = copy.deepcopy(evaluator.model)
+    gates = ChannelGates(evaluator.space, model)
+    x = evaluator.data.loader("val", 16, "cpu").__iter__().__next__()[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), evaluator.model(x))  # gates start at 1
+        gates.gates[gates.names.index("layer2.0.downsample.0")][3] = 0.0
+        seen = {}
+        hooks = [dict(model.named_modules())[n].register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(n, o)) for n in ("layer2.0.bn2", "layer2.1.bn2")]
+        model(x)
+    for h in hooks:
+        h.remove()
+    for out in seen.values():
+        assert float(out[:, 3].abs().max()) == 0.0 and float(out[:, 4].abs().max()) > 0
+    gates.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), evaluator.model(x))
+
+
+def test_depthwise_groups_are_gated_once_after_the_depthwise_batch_norm():
+    from autoprune.models import build_model
+    from autoprune.space import Space
+
+    model = build_model("mobilenet_v2", 3, 10, 32).eval()
+    space = Space.from_model(model, torch.zeros(1, 3, 32, 32))
+    # expansion conv -> BN -> depthwise conv -> BN: one group, one gate, after the depthwise BN
+    assert gate_targets(space)["layers.1.conv1"] == ["layers.1.bn2"]
+
+
+def test_gate_learning_clamps_gates_to_the_unit_interval_and_leaves_weights_unchanged(evaluator):
+    model = reinitialise(copy.deepcopy(evaluator.model), seed=0)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    base = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+    gates = ChannelGates(evaluator.space, model)
+    train = evaluator.data.loader("train", 64, "cpu", shuffle=True, generator=torch.Generator().manual_seed(0))
+    # a large LR pushes many gates past both bounds within a few steps
+    snaps = learn_gates(model, gates, train.infinite(), steps=6, lr=2.0, lam=0.5, r=0.2, snapshot_every=2,
+                        accuracy=lambda m: 0.0)
+    assert [s.step for s in snaps] == [2, 4, 6]
+    for s in snaps:
+        g = torch.cat(list(s.gates.values()))
+        assert float(g.min()) >= 0.0 and float(g.max()) <= 1.0
+    assert float(torch.cat(list(snaps[-1].gates.values())).eq(0).float().mean()) > 0.1
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
+    for k, v in evaluator.model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+@pytest.mark.parametrize("budget", ["20%", "35%", "50%", "70%", "90%"])
+def test_global_threshold_meets_the_budget_within_one_channel(evaluator, tmp_path, budget):
+    b = parse_budget("flops", budget)
+    ctx = context(evaluator, tmp_path, [b])
+    gates = random_gates(evaluator, seed=len(budget))
+    ratios, keep = threshold_structure(gates, ctx.fits, ctx.max_ratio)
+    limit = b.limit(evaluator.space.base_flops)
+    assert evaluator.cost(ratios)["flops"] <= limit
+    # the channels kept are the largest gates of their group, in the number the ratio keeps
+    for name, idxs in keep.items():
+        g = gates[name]
+        gone = [i for i in range(len(g)) if i not in idxs]
+        assert not gone or float(g[gone].max()) <= float(g[idxs].min())
+        assert ratios[name] == pytest.approx(len(gone) / len(g))
+    # giving back the highest-gated removed channel breaks the budget: as tight as channels allow
+    removed = [(float(gates[n][i]), n) for n in gates for i in range(len(gates[n])) if i not in keep[n]]
+    _, name = max(removed)
+    looser = dict(ratios)
+    looser[name] -= 1 / len(gates[name])
+    assert evaluator.cost(looser)["flops"] > limit
+
+
+def test_global_threshold_respects_max_ratio_and_a_params_budget(evaluator, tmp_path):
+    b = parse_budget("params", "40%")
+    ctx = context(evaluator, tmp_path, [b])
+    ctx.max_ratio = 0.7
+    ratios, _ = threshold_structure(random_gates(evaluator), ctx.fits, ctx.max_ratio)
+    assert max(ratios.values()) <= 0.7
+    assert evaluator.cost(ratios)["params"] <= b.limit(evaluator.space.base_params)
+
+
+def test_policy_keep_survives_json_and_the_pruner_keeps_exactly_those_channels(evaluator):
+    name = "layer2.0.conv1"
+    keep = {name: [0, 2, 5] + list(range(10, 26))}  # 19 of 32 kept
+    policy = evaluator.policy({name: 13 / 32}, criterion="gates", keep=keep)
+    again = Policy.from_json(policy.to_json())
+    assert again.keep == keep and again.key() == policy.key()
+    assert policy.key() != evaluator.policy({name: 13 / 32}).key()
+    removed = evaluator.pruner.removed_channels(again)
+    assert removed == {name: sorted(set(range(32)) - set(keep[name]))}
+    pruned = evaluator.pruner.prune(again)
+    full = evaluator.model.layer2[0].conv1.weight
+    assert torch.equal(pruned.layer2[0].conv1.weight, full[keep[name]])
+    # a policy without "keep" writes no such key: existing JSON is unchanged
+    assert "keep" not in evaluator.policy({name: 0.5}).to_dict()
+
+
+def test_policy_keep_that_disagrees_with_its_ratio_is_refused(evaluator):
+    bad = evaluator.policy({"layer2.0.conv1": 0.5}, keep={"layer2.0.conv1": [0, 1, 2]})
+    with pytest.raises(InputError, match="keep.*layer2.0.conv1.*3 channel.*keeps 16 of 32"):
+        evaluator.pruner.prune(bad)
+    with pytest.raises(InputError, match="'keep' names 'nope'"):
+        Policy({"a": 0.5}, keep={"nope": [1]})
+    with pytest.raises(InputError, match="'keep' must be an object"):
+        Policy.from_dict({"schema": "autoprune.policy/1", "ratios": {"a": 0.5}, "keep": {"a": "x"}})
+
+
+def test_gates_agent_records_one_feasible_trial_per_run_and_a_scratch_trial_and_resumes(evaluator, tmp_path):
+    b = parse_budget("flops", "50%")
+    ctx = context(evaluator, tmp_path, [b])
+    agent = get_agent("gates")(steps=10, snapshot_every=5, sparsity_tol=1.0, train_from_scratch=5, keep="gates",
+                               **{"lambda": "0.5,2"})
+    result = agent.search(ctx)
+    trials = completed(ctx.study)
+    runs = [t for t in trials if t.user_attrs["gates_role"] == "run"]
+    scratch = [t for t in trials if t.user_attrs["gates_role"] == "scratch"]
+    assert len(runs) == 2 and len(scratch) == 1
+    assert sorted(t.params["lambda"] for t in runs) == [0.5, 2.0]
+    assert all(t.params["r"] == 0.2 for t in trials)
+    limit = b.limit(evaluator.space.base_flops)
+    for t in trials:
+        assert t.user_attrs["feasible"] is True and t.user_attrs["flops"] <= limit
+    assert scratch[0].user_attrs["trained_from_scratch"] is True
+    assert scratch[0].user_attrs["finetune_steps"] == 5
+    assert result.policy is not None and result.policy.keep is not None
+    # a second run on the same study learns nothing again and adds no trial
+    again = context(evaluator, tmp_path, [b])
+    assert agent.search(again).policy.key() == result.policy.key()
+    assert again.evaluated == 0 and len(completed(again.study)) == 3
+    # a recorded policy re-applies to the same channels and the same figures
+    run = runs[0]
+    policy = policy_of(run)
+    rebuilt = evaluator.build(policy, 0)
+    assert count_flops(rebuilt, evaluator.example_input) == run.user_attrs["flops"]
+    fresh = Evaluator(evaluator.model, evaluator.data, device="cpu", bn_batches=3, seed=0)
+    assert fresh.evaluate(policy).accuracy == pytest.approx(run.user_attrs["accuracy"])
+
+
+def test_kept_channels_are_the_largest_gates_only_when_gates_rank_the_trained_weights():
+    assert get_agent("gates")().keeps_gates() is False  # random weights: the criterion picks channels
+    assert get_agent("gates")(**{"from": "pretrained"}).keeps_gates() is True
+    assert get_agent("gates")(keep="gates").keeps_gates() is True
+
+
+def test_gates_agent_refuses_bad_options():
+    with pytest.raises(InputError, match="choose from random, pretrained"):
+        get_agent("gates")(**{"from": "imagenet"})
+    with pytest.raises(InputError, match="not a number"):
+        get_agent("gates")(**{"lambda": "a,b"}).search(None)
