@@ -30,7 +30,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check autoprune tests
+	$(BIN)/ruff check autoprune tests benchmarks
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -54,7 +54,8 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
         for key, opt in cls.options.items():
             flag = f"--{name}-{key.replace('_', '-')}"
             group.add_argument(flag, dest=f"agentopt__{name}__{key}", type=opt.type, default=None,
-                               choices=opt.choices, help=f"{opt.help} (default {opt.default})")
+                               choices=opt.choices,
+                               help=f"{opt.help} (default {opt.default})".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("-o", "--output", help="also write the state dict here")
+
+    w = sub.add_parser("worker", help="join a running search (agents that can share a study)")
+    w.add_argument("--study", required=True)
+    w.add_argument("--storage", required=True, help="the search's storage URL (PostgreSQL across machines)")
+    w.add_argument("--trials", type=int, help="stop when the study holds this many trials (default: the search's)")
+    w.add_argument("--timeout", type=float)
+    w.add_argument("--device", default="auto")
+
+    r = sub.add_parser("report", help="PNG plots and an HTML page of a study")
+    r.add_argument("--study", required=True)
+    r.add_argument("--storage", default=None)
+    r.add_argument("-o", "--output", required=True, help="folder for the plots and index.html")
 
     d = sub.add_parser("dashboard", help="open optuna-dashboard on the storage")
     d.add_argument("--storage", default=None)
@@ -242,6 +255,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from autoprune.report import ProgressReporter
+    from autoprune.runner import run_worker
+
+    _positive("--trials", args.trials, allow_zero=False)
+    console = _console()
+    try:
+        added = run_worker(args.study, args.storage, device=args.device, trials=args.trials,
+                           timeout=args.timeout, reporter=ProgressReporter(console),
+                           log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    except KeyboardInterrupt:
+        print(f"interrupted: completed trials are kept in {args.storage}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    console.print(f"worker added {added} trial(s) to {args.study}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autoprune.report import write_report
+    from autoprune.study import load_study
+
+    storage = _storage(args)
+    files = write_report(load_study(args.study, storage), storage, args.output)
+    for f in files:
+        print(f"wrote {f}")
+    return EXIT_OK
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import run_server
 
@@ -296,6 +337,8 @@ COMMANDS = {
     "export": cmd_export,
     "apply": cmd_apply,
     "train": cmd_train,
+    "worker": cmd_worker,
+    "report": cmd_report,
     "dashboard": cmd_dashboard,
     "agents": cmd_agents,
     "models": cmd_models,

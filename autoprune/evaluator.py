@@ -25,6 +25,7 @@ from torch import nn
 from autoprune.budget import Budget, all_hold
 from autoprune.cost import count_flops, count_params, measure_latency
 from autoprune.data import DatasetSplits
+from autoprune.errors import CandidateError
 from autoprune.policy import Policy
 from autoprune.pruning import ChannelPruner
 from autoprune.space import Space
@@ -199,8 +200,13 @@ class Evaluator:
         if key in self._cache:
             return self._cache[key]
         t0 = time.perf_counter()
-        model = self.build(policy, finetune_steps)
-        result = self.measure(model, split, finetune_steps, t0)
+        try:
+            model = self.build(policy, finetune_steps)
+            result = self.measure(model, split, finetune_steps, t0)
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise CandidateError(f"out of memory: {str(e).splitlines()[0]}") from None
         self._cache[key] = result
         self.evaluations += 1
         return result

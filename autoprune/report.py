@@ -88,3 +88,205 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
                       _ratio(p_lat, b_lat))
     table.add_row("fine-tune steps", "-", str(best.finetune_steps), "")
     console.print(table)
+
+
+# -- the study report: PNG plots and one HTML page ------------------------------------------------
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (fewer FLOPs, higher accuracy)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _trial_rows(study) -> list[dict]:
+    from autoprune.study import completed
+
+    rows = []
+    for t in completed(study):
+        a = t.user_attrs
+        rows.append({"number": t.number, "accuracy": a["accuracy"], "flops_ratio": a["flops_ratio"],
+                     "params_ratio": a["params_ratio"], "feasible": bool(a.get("feasible")),
+                     "agent": a.get("agent", "?"), "policy": a["policy"]})
+    return rows
+
+
+def related_studies(study, storage: str) -> list:
+    """Studies in ``storage`` for the same model, dataset and budgets (one per agent, say)."""
+    import optuna
+
+    model = study.user_attrs.get("model", {})
+    budgets = study.user_attrs.get("settings", {}).get("budgets")
+    out = []
+    for summary in optuna.get_all_study_summaries(storage):
+        attrs = summary.user_attrs
+        if (attrs.get("model", {}).get("name"), attrs.get("model", {}).get("dataset")) != (
+                model.get("name"), model.get("dataset")):
+            continue
+        if attrs.get("settings", {}).get("budgets") != budgets:
+            continue
+        out.append(optuna.load_study(study_name=summary.study_name, storage=storage))
+    return out
+
+
+def uniform_ratios(study, names: list[str]) -> dict[str, float] | None:
+    """The uniform policy at the study's budget, from the analytic cost model of its model."""
+    import torch
+
+    from autoprune.budget import parse_budget
+    from autoprune.models import build_model
+    from autoprune.space import Space
+
+    info = study.user_attrs.get("model", {})
+    settings = study.user_attrs.get("settings", {})
+    try:
+        model = build_model(info["name"], info["in_channels"], info["num_classes"], info["image_size"])
+    except Exception:
+        return None
+    space = Space.from_model(model.eval(), torch.zeros(1, info["in_channels"], info["image_size"],
+                                                       info["image_size"]), ignore=settings.get("ignore", ()))
+    budgets = [parse_budget(resource, text) for resource, text in settings.get("budget_args", {}).items()
+               if resource in ("flops", "params")]
+    if not budgets:
+        return None
+    base = {"flops": space.base_flops, "params": space.base_params}
+    lo, hi = 0.0, settings.get("max_ratio", 0.9)
+
+    def fits(r):
+        cost = space.cost(dict.fromkeys(space.names, r))
+        return all(b.holds(cost[b.resource], base[b.resource]) for b in budgets)
+
+    if not fits(hi):
+        return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return {n: hi for n in names}
+
+
+def write_report(study, storage: str, out_dir) -> list:
+    """Write ``accuracy_vs_flops.png``, ``ratios.png``, ``agents.png`` (when several agents' studies
+    share the model and budget) and ``index.html`` into ``out_dir``; return the files written."""
+    import html
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from autoprune.errors import InputError
+    from autoprune.study import best_policy
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _trial_rows(study)
+    if not rows:
+        raise InputError(f"study {study.study_name!r} has no completed trial to report")
+    budgets = study.user_attrs.get("settings", {}).get("budgets", [])
+    flops_budget = next((b for b in budgets if b.startswith("flops <= ") and b.endswith("%")), None)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    feas = [r for r in rows if r["feasible"]]
+    infeas = [r for r in rows if not r["feasible"]]
+    ax.scatter([r["flops_ratio"] for r in infeas], [r["accuracy"] for r in infeas], c="lightgray",
+               label="infeasible", s=18)
+    ax.scatter([r["flops_ratio"] for r in feas], [r["accuracy"] for r in feas], c="tab:blue",
+               label="feasible", s=18)
+    if feas:
+        front = pareto_front([(r["flops_ratio"], r["accuracy"]) for r in feas])
+        pts = sorted((feas[i]["flops_ratio"], feas[i]["accuracy"]) for i in front)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", c="tab:red", ms=5, label="feasible Pareto front")
+    if flops_budget:
+        ax.axvline(float(flops_budget.split("<= ")[1].rstrip("%")) / 100, ls="--", c="k", lw=1, label="budget")
+    base_acc = study.user_attrs.get("base", {}).get("accuracy")
+    if base_acc is not None:
+        ax.axhline(base_acc, ls=":", c="tab:green", lw=1, label="unpruned")
+    ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(study.study_name)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "accuracy_vs_flops.png")
+
+    best = None
+    try:
+        best = best_policy(study)
+    except InputError:
+        pass
+    if best is not None:
+        names = list(best.ratios)
+        uniform = uniform_ratios(study, names)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4.5))
+        xs = range(len(names))
+        width = 0.4 if uniform else 0.8
+        ax.bar([x - (width / 2 if uniform else 0) for x in xs], [best.ratios[n] for n in names], width,
+               label=f"best ({best.search.get('agent')})")
+        if uniform:
+            ax.bar([x + width / 2 for x in xs], [uniform[n] for n in names], width, label="uniform", alpha=0.7)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+        ax.set_ylabel("fraction of channels removed")
+        ax.set_title("per-group ratios")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ratios.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "ratios.png")
+
+    others = related_studies(study, storage)
+    table_rows = []
+    if len(others) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for other in others:
+            orows = [r for r in _trial_rows(other) if r["feasible"]]
+            if not orows:
+                continue
+            agent = orows[0]["agent"]
+            ax.scatter([r["flops_ratio"] for r in orows], [r["accuracy"] for r in orows], s=16, label=agent)
+            top = max(orows, key=lambda r: r["accuracy"])
+            table_rows.append((agent, other.study_name, len(_trial_rows(other)), top["accuracy"], top["flops_ratio"]))
+        ax.set_xlabel("FLOPs kept")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title("agents side by side (feasible trials)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "agents.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "agents.png")
+
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(study.study_name)}</title>"
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>",
+             f"<h1>{html.escape(study.study_name)}</h1>",
+             f"<p>{len(rows)} completed trials, {len(feas)} feasible; budget: {html.escape(', '.join(budgets))}</p>"]
+    if best is not None:
+        m = best.metrics
+        parts.append(f"<h2>Best feasible policy (trial {best.search.get('trial')})</h2><table>"
+                     f"<tr><th>validation accuracy</th><td>{m['accuracy']:.2%}</td></tr>"
+                     f"<tr><th>FLOPs kept</th><td>{m['flops_ratio']:.1%}</td></tr>"
+                     f"<tr><th>params kept</th><td>{m['params_ratio']:.1%}</td></tr></table>")
+    for f in written:
+        parts.append(f"<h2>{f.stem.replace('_', ' ')}</h2><img src='{f.name}' style='max-width:100%'>")
+    if table_rows:
+        parts.append("<h2>Agents</h2><table><tr><th>agent</th><th>study</th><th>trials</th>"
+                     "<th>best feasible accuracy</th><th>its FLOPs kept</th></tr>")
+        for agent, name, n, acc, fr in table_rows:
+            parts.append(f"<tr><td>{html.escape(agent)}</td><td>{html.escape(name)}</td><td>{n}</td>"
+                         f"<td>{acc:.2%}</td><td>{fr:.1%}</td></tr>")
+        parts.append("</table>")
+    if best is not None:
+        parts.append("<h2>Policy JSON</h2><pre>" + html.escape(json.dumps(best.to_dict(), indent=2)) + "</pre>")
+    parts.append("</body></html>")
+    (out / "index.html").write_text("\n".join(parts))
+    written.append(out / "index.html")
+    return written

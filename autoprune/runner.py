@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.agents import Reporter, SearchContext, get_agent
+from autoprune.agents import Reporter, SearchContext, get_agent, list_agents
 from autoprune.budget import Budget, budgets_slug
 from autoprune.data import DatasetSplits, load_dataset
 from autoprune.errors import InputError
@@ -80,6 +80,8 @@ def prepare(
         "num_classes": data.num_classes,
         "image_size": data.image_size,
     }
+    if data_root is not None:
+        info["data_root"] = str(Path(data_root).resolve())
     if checkpoint is not None:
         load_checkpoint(net, checkpoint)
         info["checkpoint"] = str(Path(checkpoint).resolve())
@@ -143,14 +145,18 @@ def run_search(
     settings["seed"] = seed
     evaluator = make_evaluator(setup, device=device, criterion=criterion, ignore=ignore, **settings)
     name = study or study_name(setup.info["name"], setup.data.name, agent, budgets_slug(budgets))
-    st = open_study(name, storage)
+    st = open_study(name, storage, directions=agent_cls.directions)
     _check_same_model(st, setup, evaluator)
     ctx = SearchContext(
         evaluator, budgets, st, agent, n_trials=trials if trials is not None else agent_cls.default_trials,
         timeout=timeout, seed=seed, finetune_steps=finetune_steps, max_ratio=max_ratio, reporter=reporter,
     )
     record_settings = {
+        "agent": agent,
+        "trials": ctx.n_trials,
+        "data_root": setup.info.get("data_root"),
         "budgets": [str(b) for b in budgets],
+        "budget_args": {b.resource: b.text for b in budgets},
         "finetune_steps": finetune_steps,
         "criterion": criterion,
         "ignore": list(ignore),
@@ -257,3 +263,50 @@ def apply_policy(
     pruned = evaluator.build(policy, steps)
     result = evaluator.measure(pruned, "val", steps)
     return pruned, result, evaluator
+
+
+def run_worker(
+    study: str,
+    storage: str,
+    *,
+    device: str = "auto",
+    trials: int | None = None,
+    timeout: float | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Join a running search: rebuild its model, data, budgets and evaluator from what the study
+    recorded, and propose candidates into the same study until its trial count (or ``trials``, or
+    ``timeout``) is reached. Returns the trials this worker added.
+
+    Only agents whose candidates are independent draws share a study (``Agent.parallel``); each
+    worker draws from its own seed, and candidates the study already holds are not evaluated again.
+    """
+    from autoprune.budget import parse_budget
+
+    st = load_study(study, storage)
+    info, settings = st.user_attrs.get("model"), st.user_attrs.get("settings")
+    if not info or not settings or "agent" not in settings:
+        raise InputError(f"study {study!r} was not made by `autoprune search`; a worker cannot join it")
+    agent_cls = get_agent(settings["agent"])
+    if not agent_cls.parallel:
+        shareable = ", ".join(n for n, c in list_agents().items() if c.parallel)
+        raise InputError(f"agent {agent_cls.name!r} runs in one process and cannot share its study with "
+                         f"workers; agents that can: {shareable}")
+    ckpt = info.get("checkpoint")
+    pretrain = info.get("pretrain_steps")
+    setup = prepare(info["name"], info["dataset"], data_root=info.get("data_root") or settings.get("data_root"),
+                    checkpoint=None if pretrain else ckpt, pretrain_steps=pretrain, device=device, log=log)
+    budgets = [parse_budget(r, t) for r, t in settings["budget_args"].items()]
+    evaluator = make_evaluator(setup, device=device, criterion=settings.get("criterion", "l1"),
+                               ignore=settings.get("ignore", ()),
+                               **{k: settings[k] for k in EVALUATOR_SETTINGS if k in settings})
+    # a seed of its own per worker process, so that workers do not draw the same candidates
+    seed = (int(settings.get("seed", 0)) * 1_000_003 + os.getpid() * 7919 + time.time_ns()) % (2**31)
+    ctx = SearchContext(evaluator, budgets, st, settings["agent"],
+                        n_trials=trials if trials is not None else settings.get("trials"), timeout=timeout,
+                        seed=seed, finetune_steps=int(settings.get("finetune_steps", 0)),
+                        max_ratio=float(settings.get("max_ratio", 0.9)), reporter=reporter)
+    before = ctx.evaluated
+    agent_cls(**settings.get("agent_options", {})).search(ctx)
+    return ctx.evaluated - before

@@ -1,0 +1,133 @@
+"""Evaluator overhead: one ``evaluate()`` against a plain hand-written PyTorch loop doing the same work.
+
+Both sides start from the trained base model and do the same steps on the same device and data:
+prune the policy's channels (the hand loop gets the pruned copy for free: it reuses the evaluator's
+pruner, so the ratio shows the evaluator's overhead *including* pruning), recalibrate BN on
+``bn_batches`` batches, fine-tune ``steps`` SGD steps (momentum 0.9, wd 5e-4, cosine LR, random-crop
+augmentation), score the validation split, count FLOPs. Run:
+
+    .venv/bin/python benchmarks/evaluator.py [--steps 50] [--repeats 5] [--model resnet20]
+
+Figures are medians of ``repeats`` runs, printed as ratios of one run of this script (the machine is
+shared and noisy: compare ratios, not seconds, across runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from autoprune.runner import make_evaluator, prepare
+
+
+def hand_loop(model, data, device, steps, bn_batches, batch_size, lr, seed):
+    """What a person would write by hand for the same job."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    xtr = (data.train.x.to(device).float() / 255 - mean) / std
+    ytr = data.train.y.to(device)
+    xva = (data.val.x.to(device).float() / 255 - mean) / std
+    yva = data.val.y.to(device)
+    n, size = len(ytr), xtr.shape[-1]
+    pad = max(1, size // 8)
+
+    def batch(augment):
+        idx = torch.randint(0, n, (batch_size,), device=device, generator=g)
+        x = xtr[idx]
+        if augment:
+            xp = F.pad(x, (pad, pad, pad, pad))
+            dy = torch.randint(0, 2 * pad + 1, (batch_size, 1, 1), device=device, generator=g)
+            dx = torch.randint(0, 2 * pad + 1, (batch_size, 1, 1), device=device, generator=g)
+            rows = (torch.arange(size, device=device).view(1, -1, 1) + dy).expand(-1, -1, size)
+            cols = (torch.arange(size, device=device).view(1, 1, -1) + dx).expand(-1, size, -1)
+            b = torch.arange(batch_size, device=device).view(-1, 1, 1)
+            x = xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)
+        return x, ytr[idx]
+
+    m = model
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    m.train()
+    with torch.no_grad():
+        for _ in range(bn_batches):
+            m(batch(False)[0])
+    for bn in bns:
+        bn.momentum = 0.1
+    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    for s in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * s / steps))
+        x, y = batch(True)
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        acc = (m(xva).argmax(1) == yva).float().mean().item()
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    setup = prepare(args.model, "digits", device=args.device)
+    ev = make_evaluator(setup, device=args.device, bn_batches=20)
+    policy = ev.uniform(args.ratio)
+    ev.evaluate(policy, args.steps)  # warm-up: importance scores, allocator, kernels
+
+    def timed(fn):
+        times = []
+        for _ in range(args.repeats):
+            if ev.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if ev.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def evaluator_once():
+        ev._cache.clear()
+        ev.evaluate(policy, args.steps)
+
+    def hand_once():
+        model = ev.pruner.prune(policy)
+        hand_loop(model, setup.data, ev.device, args.steps, ev.bn_batches, ev.batch_size, ev.finetune_lr, 0)
+
+    t_eval = timed(evaluator_once)
+    t_hand = timed(hand_once)
+    t_prune = timed(lambda: ev.pruner.prune(policy))
+    pruned = ev.pruner.prune(policy)
+    t_flops = timed(lambda: ev.measure(pruned))
+
+    print(f"device {ev.device}, model {args.model} on digits, uniform ratio {args.ratio}, "
+          f"{args.steps} fine-tune steps, {ev.bn_batches} BN batches, median of {args.repeats}")
+    print()
+    print("| measure | seconds | ratio to the hand loop |")
+    print("| --- | --- | --- |")
+    print(f"| evaluator.evaluate() | {t_eval:.3f} | {t_eval / t_hand:.3f} |")
+    print(f"| hand-written loop (incl. pruning) | {t_hand:.3f} | 1.000 |")
+    print(f"| of which pruning a copy | {t_prune:.3f} | {t_prune / t_hand:.3f} |")
+    print(f"| scoring + FLOPs/params count | {t_flops:.3f} | {t_flops / t_hand:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

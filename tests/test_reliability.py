@@ -1,0 +1,162 @@
+"""Interrupted searches resume, several workers share one study (SQLite and a real PostgreSQL)."""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autoprune.budget import parse_budget
+from autoprune.errors import InputError
+from autoprune.runner import prepare, run_search, run_worker
+from autoprune.study import completed, load_study
+
+STUDY = "workers"
+SEARCH = ["--agent", "random", "--budget-flops", "50%", "--pretrain-steps", "40", "--study", STUDY]
+
+
+def cli(*argv, **kw):
+    return subprocess.Popen([sys.executable, "-m", "autoprune.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def wait_for_trials(storage, n, proc, limit=240):
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        try:
+            if len(completed(load_study(STUDY, storage))) >= n:
+                return
+        except InputError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"search ended early: {proc.stderr.read()}")
+        time.sleep(0.5)
+    raise AssertionError("no trials appeared in time")
+
+
+def states(storage):
+    trials = load_study(STUDY, storage).get_trials(deepcopy=False)
+    return [t.state for t in trials], trials
+
+
+def test_ctrl_c_marks_the_running_trial_failed_and_the_same_command_resumes(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    proc = cli("search", *SEARCH, "--trials", "40", "--storage", storage, "-o", str(tmp_path / "b.json"))
+    wait_for_trials(storage, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "run autoprune search" in err and "again to resume" in err
+    st, trials = states(storage)
+    kept = st.count(optuna.trial.TrialState.COMPLETE)
+    assert kept >= 2
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert all("interrupted" in t.user_attrs["fail_reason"] for t in failed)
+
+    # killed outright in the middle of a candidate: nothing completed is lost
+    proc = cli("search", *SEARCH, "--trials", "40", "--storage", storage, "-o", str(tmp_path / "b.json"))
+    wait_for_trials(storage, kept + 1, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    st, _ = states(storage)
+    after_kill = st.count(optuna.trial.TrialState.COMPLETE)
+    assert after_kill >= kept + 1
+
+    # the same command, with a trial count already nearly reached, resumes and finishes
+    total = len(st) + 1
+    proc = cli("search", *SEARCH, "--trials", str(total), "--storage", storage, "-o", str(tmp_path / "b.json"))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    st, trials = states(storage)
+    assert len(st) == total
+    assert st.count(optuna.trial.TrialState.COMPLETE) == after_kill + 1
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({t.user_attrs["policy"] for t in done}) == after_kill + 1
+
+
+def _seed_study(storage):
+    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
+    run_search(setup, [parse_budget("flops", "50%")], agent="random", storage=storage, study=STUDY, trials=1,
+               device="cpu", evaluator_settings={"bn_batches": 3}, final=False)
+
+
+def _three_workers(storage, total):
+    procs = [cli("worker", "--study", STUDY, "--storage", storage, "--trials", str(total), "--device", "cpu")
+             for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err
+    trials = load_study(STUDY, storage).get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == len(trials), "a trial was lost or left unfinished"
+    # every worker checks the shared count before each candidate: at most one extra per other worker
+    assert total <= len(done) <= total + 2
+    assert len({t.user_attrs["policy"] for t in done}) == len(done), "a candidate was evaluated twice"
+    assert all(t.user_attrs["feasible"] for t in done)
+
+
+def test_three_workers_share_one_sqlite_study(tmp_path):
+    storage = f"sqlite:///{tmp_path}/w.db"
+    _seed_study(storage)
+    _three_workers(storage, 7)
+
+
+def _pg_binary(name):
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    return found
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A real PostgreSQL server on 127.0.0.1, started for the test and stopped after it."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 is not installed (it is in the dev extras)")
+    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs the postgresql package)")
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="autoprune-pg-"))  # pytest's folders are private to root
+    run_as = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    init = subprocess.run([*run_as, initdb, "-D", str(data), "-U", "autoprune", "--auth=trust"],
+                          capture_output=True, text=True)
+    if init.returncode != 0:
+        pytest.skip(f"PostgreSQL initdb failed: {init.stderr.strip()[:200]}")
+    start = subprocess.run([*run_as, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                            f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], capture_output=True,
+                           text=True)
+    if start.returncode != 0:
+        pytest.skip(f"PostgreSQL could not be started: {start.stderr.strip()[:200]}")
+    yield f"postgresql+psycopg2://autoprune@127.0.0.1:{port}/postgres"
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_three_workers_share_one_postgresql_study(postgres):
+    _seed_study(postgres)
+    _three_workers(postgres, 7)
+
+
+def test_agents_that_cannot_share_a_study_refuse_workers(tmp_path):
+    storage = f"sqlite:///{tmp_path}/u.db"
+    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
+    run_search(setup, [parse_budget("flops", "50%")], agent="uniform", storage=storage, study=STUDY,
+               device="cpu", evaluator_settings={"bn_batches": 3}, final=False)
+    with pytest.raises(InputError, match="cannot share its study.*random"):
+        run_worker(STUDY, storage, device="cpu")
