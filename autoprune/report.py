@@ -169,6 +169,20 @@ def uniform_ratios(study, names: list[str]) -> dict[str, float] | None:
     return {n: hi for n in names}
 
 
+def _finish(fig, ax, path, xlabel: str | None, ylabel: str, title: str, legend_loc: str = "best"):
+    import matplotlib.pyplot as plt
+
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(study, storage: str, out_dir) -> list:
     """Write ``accuracy_vs_flops.png``, ``ratios.png``, ``agents.png`` (when several agents' studies
     share the model and budget) and ``index.html`` into ``out_dir``; return the files written."""
@@ -209,14 +223,8 @@ def write_report(study, storage: str, out_dir) -> list:
     base_acc = study.user_attrs.get("base", {}).get("accuracy")
     if base_acc is not None:
         ax.axhline(base_acc, ls=":", c="tab:green", lw=1, label="unpruned")
-    ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(study.study_name)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
-    plt.close(fig)
-    written.append(out / "accuracy_vs_flops.png")
+    written.append(_finish(fig, ax, out / "accuracy_vs_flops.png", "FLOPs kept (fraction of the unpruned model)",
+                           "validation accuracy", study.study_name))
 
     best = None
     try:
@@ -235,13 +243,8 @@ def write_report(study, storage: str, out_dir) -> list:
             ax.bar([x + width / 2 for x in xs], [uniform[n] for n in names], width, label="uniform", alpha=0.7)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
-        ax.set_ylabel("fraction of channels removed")
-        ax.set_title("per-group ratios")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "ratios.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "ratios.png")
+        written.append(_finish(fig, ax, out / "ratios.png", None, "fraction of channels removed",
+                               "per-group ratios"))
 
     others = related_studies(study, storage)
     table_rows = []
@@ -255,14 +258,8 @@ def write_report(study, storage: str, out_dir) -> list:
             ax.scatter([r["flops_ratio"] for r in orows], [r["accuracy"] for r in orows], s=16, label=agent)
             top = max(orows, key=lambda r: r["accuracy"])
             table_rows.append((agent, other.study_name, len(_trial_rows(other)), top["accuracy"], top["flops_ratio"]))
-        ax.set_xlabel("FLOPs kept")
-        ax.set_ylabel("validation accuracy")
-        ax.set_title("agents side by side (feasible trials)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "agents.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "agents.png")
+        written.append(_finish(fig, ax, out / "agents.png", "FLOPs kept", "validation accuracy",
+                               "agents side by side (feasible trials)"))
 
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(study.study_name)}</title>"
              "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
