@@ -146,6 +146,11 @@ def run_search(
     evaluator = make_evaluator(setup, device=device, criterion=criterion, ignore=ignore, **settings)
     name = study or study_name(setup.info["name"], setup.data.name, agent, budgets_slug(budgets))
     st = open_study(name, storage, directions=agent_cls.directions)
+    if len(st.directions) != len(agent_cls.directions):
+        raise InputError(
+            f"study {name!r} has {len(st.directions)} objective(s) but agent {agent!r} records "
+            f"{len(agent_cls.directions)}; choose another --study name"
+        )
     _check_same_model(st, setup, evaluator)
     ctx = SearchContext(
         evaluator, budgets, st, agent, n_trials=trials if trials is not None else agent_cls.default_trials,

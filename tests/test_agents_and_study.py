@@ -108,3 +108,14 @@ def test_failed_candidate_is_recorded_and_the_search_goes_on(trained_resnet20, d
     failed = ctx.study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(failed) == 2
     assert "diverged" in failed[0].user_attrs["fail_reason"]
+
+
+def test_an_agent_refuses_a_study_with_another_number_of_objectives(tmp_path):
+    from autoprune.runner import prepare, run_search
+
+    storage = f"sqlite:///{tmp_path}/db.sqlite3"
+    open_study("two", storage, directions=("maximize", "minimize"))
+    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
+    with pytest.raises(InputError, match="has 2 objective.*records 1"):
+        run_search(setup, [parse_budget("flops", "50%")], agent="random", storage=storage, study="two",
+                   device="cpu", final=False)
