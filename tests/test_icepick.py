@@ -157,3 +157,18 @@ def test_plain_iterative_pruning_fine_tunes_every_stage_at_a_fixed_lr_with_nothi
     it = IcePick.iterative(lr=1e-3, finetune_steps=7)
     assert it.lr(1.0) == it.lr(0.3) == pytest.approx(1e-3)
     assert it.threshold == -math.inf and it.freeze_ratio == 0.0 and it.probe_steps == 0
+
+
+def test_workers_take_in_each_others_runs_before_asking(evaluator, tmp_path):
+    """`autoprune worker` processes share the study: each TPE learns from the runs the others record."""
+    study = open_study("ice", f"sqlite:///{tmp_path}/db.sqlite3", directions=("maximize", "minimize"))
+    ctx = SearchContext(evaluator, [parse_budget("flops", "50%")], study, "icepick", n_trials=1, seed=0)
+    first = get_agent("icepick")(max_steps=3, probe_steps=1, startup=1)
+    assert first.parallel
+    space = first.distributions()
+    hp = first.sampler_study(ctx, space)  # this worker starts on an empty study
+    get_agent("icepick")(max_steps=3, probe_steps=1, startup=1).search(ctx)  # another worker records a run
+    assert first.sync(hp, ctx, space) == 1
+    assert first.sync(hp, ctx, space) == 0  # each run is taken in once
+    finished = [t for t in hp.trials if t.state.is_finished()]
+    assert [t.params for t in finished] == [t.params for t in completed(study)]

@@ -22,6 +22,9 @@ a policy with the evaluator, so its accuracy is the evaluator's, not ICE-Pick's.
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from typing import Any
 
 import optuna
@@ -55,6 +58,8 @@ class IcePickAgent(Agent):
     name = "icepick"
     description = "ICE-Pick iterative pruning to a target policy, hyperparameters tuned by TPE (accuracy, time)"
     default_trials = 10
+    # workers share the recorded study: each one's TPE takes in the others' finished runs before asking
+    parallel = True
     directions = ("maximize", "minimize")  # validation accuracy, pruning seconds
     options = {
         "policy": Option(str, None, "target policy JSON, e.g. another agent's export (default: uniform at the budget)"),
@@ -106,16 +111,25 @@ class IcePickAgent(Agent):
         """TPE's in-memory study, holding the ICE-Pick trials the recorded study already has."""
         sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=self.startup)
         hp = optuna.create_study(directions=list(self.directions), sampler=sampler)
-        seen = 0
-        for t in ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get("agent") != self.name or t.distributions != space or len(t.values) != 2:
-                continue
-            hp.add_trial(optuna.trial.create_trial(params=t.params, distributions=space, values=t.values))
-            seen += 1
-        if seen == 0:
+        self._synced: set[int] = set()
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if self.sync(hp, ctx, space) == 0:
             defaults = dict(PAPER_DEFAULTS, finetune_steps=self.max_steps)
             hp.enqueue_trial(defaults)
         return hp
+
+    def sync(self, hp: optuna.Study, ctx: SearchContext, space: dict[str, Any]) -> int:
+        """Add to TPE's study the recorded ICE-Pick runs it has not seen: those of an earlier run of the
+        search, and those other workers finished meanwhile (this process tells TPE its own runs)."""
+        added = 0
+        for t in ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if (t.number in self._synced or t.user_attrs.get("agent") != self.name or t.distributions != space
+                    or len(t.values) != 2 or t.user_attrs.get("icepick_worker") == self._token):
+                continue
+            hp.add_trial(optuna.trial.create_trial(params=t.params, distributions=space, values=t.values))
+            self._synced.add(t.number)
+            added += 1
+        return added
 
     def search(self, ctx: SearchContext) -> SearchResult:
         if len(ctx.study.directions) != len(self.directions):
@@ -130,6 +144,7 @@ class IcePickAgent(Agent):
         hp = self.sampler_study(ctx, space)
         test = ctx.evaluator.data.loader("test", ctx.evaluator.eval_batch_size, ctx.evaluator.device)
         while not ctx.should_stop():
+            self.sync(hp, ctx, space)
             trial = hp.ask(space)
             hyper = dict(trial.params)
             pruner = self.pruner(hyper, ctx)
@@ -156,7 +171,7 @@ class IcePickAgent(Agent):
                 values=values,
                 extra={"pruning_seconds": run.seconds, "probe_steps": run.probe_steps,
                        "icepick_stages": [s.as_dict() for s in run.stages],
-                       "final_icepick_test_accuracy": test_accuracy},
+                       "final_icepick_test_accuracy": test_accuracy, "icepick_worker": self._token},
             )
             hp.tell(trial, [result.accuracy, run.seconds])
         best = ctx.best()
