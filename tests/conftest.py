@@ -29,3 +29,16 @@ def trained_resnet20(digits):
     acc = train_model(model, digits, 120, device=torch.device("cpu"))
     assert acc > 0.8
     return model.eval()
+
+
+@pytest.fixture
+def deterministic_latency(monkeypatch):
+    """Latency as a fixed function of a model's work (1 ns per MAC), so that tests of latency budgets
+    check behaviour, never the timings of a shared machine. The timer itself is tested elsewhere."""
+    from autoprune.cost import count_flops
+
+    def latency(model, example_input, warmup=5, repeats=20, batch_size=1):
+        return 1e-9 * max(1, count_flops(model, example_input))
+
+    monkeypatch.setattr("autoprune.evaluator.measure_latency", latency)
+    monkeypatch.setattr("autoprune.latency_table.measure_latency", latency)

@@ -70,16 +70,16 @@ def test_table_estimates_are_within_50_percent_of_measured_latency():
     uniform = [dict.fromkeys(space.names, r) for r in (0.0, 0.3, 0.6, 0.9)]
     mixed = [dict(zip(space.names, rng.uniform(0, 0.9, len(space.names)).tolist())) for _ in range(2)]
     report = estimate_error(table, uniform + mixed, repeats=5, rounds=3)
-    estimates = [table.estimate(r) for r in uniform]
-    assert all(a > b for a, b in zip(estimates, estimates[1:])), estimates
     rows = report["rows"]
-    assert rows[3]["measured"] < rows[0]["measured"] and rows[3]["estimate"] < rows[0]["estimate"]
     noise = max(table.full, rows[0]["measured"]) / min(table.full, rows[0]["measured"]) - 1
     if noise > 0.25:
         pytest.skip(f"timing noise {noise:.0%} on this machine exceeds what a 50 % tolerance can judge")
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 1.5 * cores:
         pytest.skip(f"load average {load:.1f} on {cores} cores: whole-model timings are inflated by preemption")
+    estimates = [table.estimate(r) for r in uniform]
+    assert all(a > b for a, b in zip(estimates, estimates[1:])), estimates
+    assert rows[3]["measured"] < rows[0]["measured"] and rows[3]["estimate"] < rows[0]["estimate"]
     assert report["mean_abs_rel_error"] <= 0.5, report
 
 
@@ -153,7 +153,8 @@ def test_ratio_selection_keeps_the_least_accuracy_lost_per_flop(trained_resnet20
     assert first["trial"] == min(proposals, key=lambda t: (lost_per_saved(t), -t.user_attrs["accuracy"])).number
 
 
-def test_latency_budget_searches_on_the_table_and_records_measured_latency(trained_resnet20, digits, tmp_path):
+def test_latency_budget_searches_on_the_table_and_records_measured_latency(trained_resnet20, digits, tmp_path,
+                                                                           deterministic_latency):
     ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, ignore=IGNORE,
                    latency_repeats=5)
     ctx = SearchContext(ev, [parse_budget("latency", "97%")], open_study("l", f"sqlite:///{tmp_path}/db"),
