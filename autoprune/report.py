@@ -140,7 +140,7 @@ def uniform_ratios(study, names: list[str]) -> dict[str, float] | None:
 
     from autoprune.budget import parse_budget
     from autoprune.models import build_model
-    from autoprune.space import Space
+    from autoprune.space import Space, shift_to_fit
 
     info = study.user_attrs.get("model", {})
     settings = study.user_attrs.get("settings", {})
@@ -155,18 +155,16 @@ def uniform_ratios(study, names: list[str]) -> dict[str, float] | None:
     if not budgets:
         return None
     base = {"flops": space.base_flops, "params": space.base_params}
-    lo, hi = 0.0, settings.get("max_ratio", 0.9)
 
-    def fits(r):
-        cost = space.cost(dict.fromkeys(space.names, r))
+    def fits(ratios):
+        cost = space.cost(ratios)
         return all(b.holds(cost[b.resource], base[b.resource]) for b in budgets)
 
-    if not fits(hi):
+    fitted = shift_to_fit({}, space.names, fits, settings.get("max_ratio", 0.9))
+    if fitted is None:
         return None
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return {n: hi for n in names}
+    ratio = max(fitted.values(), default=0.0)
+    return {n: ratio for n in names}
 
 
 def _finish(fig, ax, path, xlabel: str | None, ylabel: str, title: str, legend_loc: str = "best"):

@@ -380,3 +380,32 @@ def _output_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ..
         for h in handles:
             h.remove()
     return shapes
+
+
+def shift_to_fit(
+    ratios: Mapping[str, float],
+    names: Iterable[str],
+    fits,
+    max_ratio: float,
+    tol: float = 1e-4,
+) -> dict[str, float] | None:
+    """Shift every ratio by one common amount, clipped to [0, ``max_ratio``], to the least pruning for
+    which ``fits(ratios)`` holds (``fits`` must be monotone in the shift); None when even ``max_ratio``
+    everywhere does not fit. From all-zero ratios this is the tightest uniform ratio."""
+    names = list(names)
+
+    def shifted(t: float) -> dict[str, float]:
+        return {n: min(max_ratio, max(0.0, ratios.get(n, 0.0) + t)) for n in names}
+
+    if fits(shifted(-1.0)):
+        return shifted(-1.0)
+    if not fits(shifted(1.0)):
+        return None
+    lo, hi = -1.0, 1.0  # lo does not fit, hi fits
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if fits(shifted(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return shifted(hi)

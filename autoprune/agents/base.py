@@ -32,6 +32,7 @@ from autoprune.budget import Budget, format_amount
 from autoprune.errors import CandidateError, InputError
 from autoprune.evaluator import Evaluation, Evaluator
 from autoprune.policy import Policy
+from autoprune.space import shift_to_fit
 from autoprune.study import (
     best_feasible,
     completed,
@@ -150,23 +151,10 @@ class SearchContext:
 
         Raises :class:`InputError` when even ``max_ratio`` everywhere cannot meet the budgets.
         """
-        names = self.evaluator.space.names
-
-        def shifted(t: float) -> dict[str, float]:
-            return {n: min(self.max_ratio, max(0.0, ratios.get(n, 0.0) + t)) for n in names}
-
-        if self.fits(shifted(-1.0)):
-            return shifted(-1.0)
-        if not self.fits(shifted(1.0)):
+        fitted = shift_to_fit(ratios, self.evaluator.space.names, self.fits, self.max_ratio, tol)
+        if fitted is None:
             self.unreachable()
-        lo, hi = -1.0, 1.0  # lo does not fit, hi fits
-        while hi - lo > tol:
-            mid = (lo + hi) / 2
-            if self.fits(shifted(mid)):
-                hi = mid
-            else:
-                lo = mid
-        return shifted(hi)
+        return fitted
 
     def unreachable(self) -> None:
         most = dict.fromkeys(self.evaluator.space.names, self.max_ratio)
