@@ -83,6 +83,9 @@ class Evaluator:
     finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
     distill: weight of the distillation loss from the unpruned model (0 turns it off).
     latency: measure latency of every evaluated candidate (needed for latency budgets).
+    latency_batch: samples per timed forward pass. 1 is deployment latency of one input; a larger
+        batch measures throughput-bound latency, where the model's own compute dominates rather than
+        per-layer dispatch overhead (small models on a CPU are overhead-bound at batch 1).
     seed: seeds the batches and augmentation of every candidate.
     amp: bf16 autocast on CUDA (``"auto"``: on CUDA only).
     model_info: metadata stamped into every policy (model name, dataset, shapes).
@@ -104,6 +107,7 @@ class Evaluator:
         temperature: float = 4.0,
         latency: bool = False,
         latency_repeats: int = 20,
+        latency_batch: int = 1,
         seed: int = 0,
         amp: bool | str = "auto",
         model_info: Mapping[str, Any] | None = None,
@@ -120,6 +124,11 @@ class Evaluator:
         self.temperature = temperature
         self.latency = latency
         self.latency_repeats = latency_repeats
+        if int(latency_batch) < 1:
+            from autoprune.errors import InputError
+
+            raise InputError(f"--latency-batch must be at least 1, not {latency_batch}")
+        self.latency_batch = int(latency_batch)
         self.seed = seed
         self.amp = (self.device.type == "cuda") if amp == "auto" else bool(amp)
         self.example_input = torch.zeros(
@@ -236,4 +245,5 @@ class Evaluator:
         return self.data.loader(split, self.eval_batch_size, self.device)
 
     def _latency(self, model: nn.Module) -> float:
-        return measure_latency(model, self.example_input, repeats=self.latency_repeats)
+        return measure_latency(model, self.example_input, repeats=self.latency_repeats,
+                               batch_size=self.latency_batch)
