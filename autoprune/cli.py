@@ -1,4 +1,5 @@
-"""The ``autoprune`` command: search, export, apply, train, worker, report, compare, dashboard, agents, models.
+"""The ``autoprune`` command: search, export, apply, train, worker, report, compare, dashboard, agents,
+criteria, models.
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 1 anything else, 130 interrupted.
 """
@@ -70,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
     s.add_argument("--latency-batch", type=int, default=1,
                    help="samples per timed forward pass for latency (default 1: one input's latency)")
-    s.add_argument("--criterion", default="l1", help="channel importance criterion (default l1)")
+    from autoprune.pruning.criteria import CRITERIA
+
+    s.add_argument("--criterion", default="l1",
+                   help=f"which channels a ratio removes: {', '.join(CRITERIA)} (see `autoprune criteria`; "
+                   "default l1)")
+    s.add_argument("--criterion-batches", type=int, default=8,
+                   help="training batches that taylor, hessian, apoz and entropy read (default 8)")
     s.add_argument("--granularity", default="channel", help="channel (default)")
     s.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (glob) whose groups stay whole; repeatable")
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
 
     sub.add_parser("agents", help="list the search agents")
+    sub.add_parser("criteria", help="list the channel importance criteria")
     sub.add_parser("models", help="list the model zoo and datasets")
     return parser
 
@@ -201,6 +209,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _positive("--timeout", args.timeout, allow_zero=False)
     _positive("--finetune-steps", args.finetune_steps)
     _positive("--pretrain-steps", args.pretrain_steps)
+    _positive("--criterion-batches", args.criterion_batches, allow_zero=False)
     if not 0 < args.max_ratio < 1:
         raise InputError(f"--max-ratio must be in (0, 1), got {args.max_ratio}")
     options = _agent_options(args)
@@ -216,7 +225,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             setup, budgets, agent=args.agent, agent_options=options, storage=storage, study=args.study,
             trials=args.trials, timeout=args.timeout, finetune_steps=args.finetune_steps, seed=args.seed,
             device=args.device, criterion=args.criterion, ignore=args.ignore, max_ratio=args.max_ratio,
-            evaluator_settings={"distill": args.distill, "latency_batch": args.latency_batch},
+            evaluator_settings={"distill": args.distill, "latency_batch": args.latency_batch,
+                                "criterion_batches": args.criterion_batches},
             reporter=reporter, output=args.output,
         )
     except KeyboardInterrupt:
@@ -381,6 +391,22 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_criteria(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autoprune.pruning.criteria import CRITERIA, DATA_CRITERIA
+
+    table = Table(title="channel importance criteria (--criterion; the lowest-scoring channels go)")
+    table.add_column("criterion")
+    table.add_column("score")
+    table.add_column("reads")
+    for name, (_, description) in CRITERIA.items():
+        reads = "random numbers" if name == "random" else "training batches" if name in DATA_CRITERIA else "weights"
+        table.add_row(name, description, reads)
+    _console().print(table)
+    return EXIT_OK
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -413,6 +439,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "dashboard": cmd_dashboard,
     "agents": cmd_agents,
+    "criteria": cmd_criteria,
     "models": cmd_models,
 }
 

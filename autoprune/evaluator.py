@@ -15,7 +15,7 @@ recorded result can be reproduced exactly (``autoprune apply`` does).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,6 +76,8 @@ class Evaluator:
         test for final reports).
     device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     criterion: default channel criterion for policies that do not name one (``l1``).
+    criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
+        (taylor, hessian, apoz, entropy) gather their statistics on, once per base model.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
     batch_size: fine-tune and BN-recalibration batch size.
     eval_batch_size: scoring batch size.
@@ -98,6 +100,7 @@ class Evaluator:
         *,
         device: str | torch.device = "auto",
         criterion: str = "l1",
+        criterion_batches: int = 8,
         ignore: Iterable[str] = (),
         batch_size: int = 128,
         eval_batch_size: int = 1000,
@@ -116,6 +119,7 @@ class Evaluator:
         self.data = data
         self.model = model.to(self.device).eval()
         self.criterion = criterion
+        self.criterion_batches = criterion_batches
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.bn_batches = bn_batches
@@ -135,7 +139,7 @@ class Evaluator:
             1, data.in_channels, data.image_size, data.image_size, device=self.device
         )
         self.space = Space.from_model(self.model, self.example_input, ignore=ignore)
-        self.pruner = ChannelPruner(self.space)
+        self.pruner = ChannelPruner(self.space, calibration=self.calibration, seed=seed)
         self.model_info = dict(model_info or {})
         self.model_info.setdefault("groups", len(self.space.names))
         self._cache: dict[tuple, Evaluation] = {}
@@ -240,6 +244,13 @@ class Evaluator:
     def remember(self, policy: Policy, finetune_steps: int, result: Evaluation) -> None:
         """Seed the cache with a result recorded earlier (a resumed study)."""
         self._cache[(policy.key(), int(finetune_steps), result.split)] = result
+
+    def calibration(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``criterion_batches`` training batches that data-reading criteria score channels on: the
+        same for a given seed, so ``apply`` picks the channels the search picked."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
+                                drop_last=True).batches(self.criterion_batches)
 
     def _loader(self, split: str):
         return self.data.loader(split, self.eval_batch_size, self.device)
