@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from autoprune.agents import Reporter, get_agent
 from autoprune.budget import Budget, budgets_slug, format_amount
 from autoprune.errors import InputError
+from autoprune.policy import Policy
 from autoprune.runner import Setup, make_evaluator, run_search
 from autoprune.study import DEFAULT_STORAGE, study_name
 
@@ -46,9 +47,12 @@ class Row:
     params: int | None = None
     params_ratio: float | None = None
     latency_ms: float | None = None
+    policy: Policy | None = None  # the agent's best feasible policy, its final figures in metrics["final"]
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("policy")
+        return out
 
 
 def parse_agents(text: str) -> list[str]:
@@ -115,6 +119,12 @@ def run_compare(
             row.flops, row.params = test.flops, test.params
             row.flops_ratio, row.params_ratio = test.flops / base.base_flops, test.params / base.base_params
             row.latency_ms = judge._latency(model) * 1e3
+            row.policy = outcome.policy
+            row.policy.metrics["final"] = {
+                "finetune_steps": final_steps, "test_accuracy": test.accuracy, "val_accuracy": val.accuracy,
+                "latency": row.latency_ms / 1e3, "latency_batch": judge.latency_batch,
+                "search_seconds": row.search_seconds, "evaluations": evaluations,
+            }
             log(f"{agent}: test accuracy {test.accuracy:.2%} at {row.flops_ratio:.1%} FLOPs "
                 f"after {final_steps} final fine-tune steps")
         else:
@@ -155,7 +165,8 @@ def markdown(rows: Sequence[Row], title: str | None = None) -> str:
 
 
 def write_tables(rows: Sequence[Row], directory: str | Path, title: str | None = None) -> tuple[Path, Path]:
-    """``compare.md`` and ``compare.csv`` (raw numbers, empty cells where an agent found nothing)."""
+    """``compare.md`` and ``compare.csv`` (raw numbers, empty cells where an agent found nothing), and
+    each agent's best policy as ``<agent>.json`` (re-apply it with ``autoprune apply``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     md = directory / "compare.md"
@@ -166,6 +177,9 @@ def write_tables(rows: Sequence[Row], directory: str | Path, title: str | None =
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.as_dict().items() if k in COLUMNS})
+    for r in rows:
+        if r.policy is not None:
+            r.policy.save(directory / f"{r.agent}.json")
     return md, path
 
 

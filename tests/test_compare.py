@@ -66,6 +66,12 @@ def test_tables_are_written_as_markdown_and_csv(compared, tmp_path):
     assert float(table[0]["test_accuracy"]) == rows[0].test_accuracy
     assert table[2]["test_accuracy"] == "" and table[2]["feasible"] == "False"
     assert markdown(rows).count("\n") == len(rows) + 2
+    from autoprune.policy import Policy
+
+    saved = Policy.load(tmp_path / "uniform.json")
+    assert saved.ratios == rows[0].policy.ratios
+    assert saved.metrics["final"]["test_accuracy"] == rows[0].test_accuracy
+    assert not (tmp_path / "amc.json").exists()  # no feasible policy, nothing to re-apply
 
 
 def test_agent_lists_are_checked():

@@ -1,0 +1,58 @@
+"""Criteria side by side: the same uniform 50 %-FLOPs structure, channels chosen by each criterion.
+
+Every criterion prunes the embedded default (ResNet-20 on digits) with the uniform ratio that meets
+the budget, so the structure (and the FLOPs) is the same for all and only the choice of channels
+differs. Each pruned model gets the evaluator's adaptive BN, then the same fine-tune; accuracy is
+reported right after adaptive BN (no fine-tune) and after ``--finetune-steps`` steps, on the
+validation and test splits, with the seconds the criterion's scores took (statistics included).
+
+    .venv/bin/python benchmarks/criteria.py [--finetune-steps 100] [--budget 50%] [--granularity channel]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from autoprune.budget import parse_budget
+from autoprune.pruning.criteria import CRITERIA
+from autoprune.runner import make_evaluator, prepare
+from autoprune.space import shift_to_fit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--budget", default="50%")
+    p.add_argument("--criteria", default=",".join(CRITERIA))
+    p.add_argument("--model", default="resnet20")
+    args = p.parse_args()
+
+    setup = prepare(args.model, "digits", device="cpu")
+    budget = parse_budget("flops", args.budget)
+    rows = []
+    for name in args.criteria.split(","):
+        ev = make_evaluator(setup, device="cpu", criterion=name)
+        base = ev.space.base_flops
+        ratios = shift_to_fit({}, ev.space.names, lambda r: budget.holds(ev.space.flops(r), base), 0.9)
+        policy = ev.policy(ratios)
+        t0 = time.perf_counter()
+        ev.pruner.scores(name)
+        scoring = time.perf_counter() - t0
+        zero = ev.evaluate(policy, 0)
+        tuned = ev.evaluate(policy, args.finetune_steps)
+        test = ev.measure(ev.build(policy, args.finetune_steps), "test", args.finetune_steps)
+        rows.append((name, zero.flops / base, zero.accuracy, tuned.accuracy, test.accuracy, scoring))
+        print(f"{name}: done", flush=True)
+    ratio = max(ratios.values())
+    print(f"\n{args.model} on digits, uniform ratio {ratio:.3f} ({args.budget} FLOPs), "
+          f"{args.finetune_steps} fine-tune steps\n")
+    print("| criterion | FLOPs kept | val acc, adaptive BN only | val acc, fine-tuned | test acc, fine-tuned "
+          "| scoring s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, flops, zero, tuned, test, scoring in rows:
+        print(f"| {name} | {flops:.1%} | {zero:.2%} | {tuned:.2%} | {test:.2%} | {scoring:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
