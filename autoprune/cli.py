@@ -213,6 +213,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not 0 < args.max_ratio < 1:
         raise InputError(f"--max-ratio must be in (0, 1), got {args.max_ratio}")
     options = _agent_options(args)
+    get_agent(args.agent)(**options)  # bad agent options too are refused before the model is trained
     setup = prepare(args.model, args.dataset, data_root=args.data_root, download=args.download,
                     checkpoint=args.checkpoint, pretrain_steps=args.pretrain_steps, device=args.device,
                     log=lambda m: console.print(f"[dim]{m}[/dim]"))

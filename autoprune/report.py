@@ -181,9 +181,76 @@ def _finish(fig, ax, path, xlabel: str | None, ylabel: str, title: str, legend_l
     return path
 
 
+def sensitivity_plot(study, storage: str, path):
+    """The per-group curves of a sensitivity scan (accuracy drop vs ratio removed, one panel per group:
+    the probes, their monotone envelope, and the threshold and ratio the search chose), for the study
+    of a ``sensitivity`` search or for a scan study itself; None when ``study`` is neither."""
+    import math
+
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from autoprune.agents.sensitivity import monotone, scan_drops
+    from autoprune.errors import InputError
+    from autoprune.study import load_study
+
+    name = study.user_attrs.get("sensitivity_scan")
+    if name is None and "sensitivity_identity" not in study.user_attrs:
+        return None
+    try:
+        scan = load_study(name, storage) if name is not None else study
+    except InputError:
+        return None
+    chosen = study.user_attrs.get("sensitivity", {}) if name is not None else {}
+    drops = scan_drops(scan)
+    if chosen.get("scan_ratios"):  # the ratios the search used, of all those the scan holds
+        keep = {round(r, 6) for r in chosen["scan_ratios"]}
+        drops = {g: {r: d for r, d in by.items() if r in keep} for g, by in drops.items()}
+    groups = [g for g in (chosen.get("ratios") or drops) if drops.get(g)]  # the space's order
+    if not groups:
+        return None
+    cols = min(4, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, 2.1 * rows + 1.0), sharex=True, sharey=True,
+                             squeeze=False)
+    threshold = chosen.get("threshold")
+    for ax, g in zip(axes.flat, groups):
+        curve = monotone(drops[g])
+        ax.plot([r for r, _ in curve], [100 * d for _, d in curve], "-", c="tab:blue", lw=1.2, label="envelope")
+        ax.plot(sorted(drops[g]), [100 * drops[g][r] for r in sorted(drops[g])], "o", c="tab:blue", ms=3.5,
+                label="probe")
+        if threshold is not None:
+            ax.axhline(100 * threshold, ls="--", c="tab:red", lw=1, label="threshold")
+            r = chosen["ratios"][g]
+            ax.plot([r], [100 * min(threshold, curve[-1][1])], "D", c="tab:red", ms=5, label="chosen ratio")
+        ax.set_title(g, fontsize=8)
+        # linear up to 1 point, where the threshold usually is, logarithmic above: both stay readable
+        ax.set_yscale("symlog", linthresh=1.0, linscale=1.5)
+        ax.set_yticks([0, 0.5, 1, 3, 10, 30, 100])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=len(labels))
+    title = f"sensitivity scan {scan.study_name}"
+    if threshold is not None:
+        title += (f"\nthreshold: accuracy drop {100 * threshold:.2f} points "
+                  f"(unpruned {100 * chosen['baseline_accuracy']:.2f}%)")
+    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
+    fig.supxlabel("fraction of the group's channels removed (the group alone)", fontsize=8)
+    fig.supylabel("validation accuracy drop (points; linear up to 1, then log)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(study, storage: str, out_dir) -> list:
     """Write ``accuracy_vs_flops.png``, ``ratios.png``, ``agents.png`` (when several agents' studies
-    share the model and budget) and ``index.html`` into ``out_dir``; return the files written."""
+    share the model and budget), ``sensitivity.png`` (for a sensitivity search or scan) and ``index.html``
+    into ``out_dir``; return the files written."""
     import html
     import json
     from pathlib import Path
@@ -243,6 +310,10 @@ def write_report(study, storage: str, out_dir) -> list:
         ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
         written.append(_finish(fig, ax, out / "ratios.png", None, "fraction of channels removed",
                                "per-group ratios"))
+
+    sensitivity = sensitivity_plot(study, storage, out / "sensitivity.png")
+    if sensitivity is not None:
+        written.append(sensitivity)
 
     others = related_studies(study, storage)
     table_rows = []

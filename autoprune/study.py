@@ -49,9 +49,11 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         raise InputError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
 
 
-def open_study(name: str, storage: str = DEFAULT_STORAGE, directions: Iterable[str] = ("maximize",),
+def open_study(name: str, storage: str | optuna.storages.BaseStorage = DEFAULT_STORAGE,
+               directions: Iterable[str] = ("maximize",),
                sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
-    """Create the study, or load it when it exists (a second run with the same name resumes)."""
+    """Create the study, or load it when it exists (a second run with the same name resumes).
+    ``storage`` is a URL or an open storage (:func:`storage_of` another study, to keep them together)."""
     return optuna.create_study(
         study_name=name,
         storage=_storage(storage),
@@ -59,6 +61,11 @@ def open_study(name: str, storage: str = DEFAULT_STORAGE, directions: Iterable[s
         sampler=sampler,
         load_if_exists=True,
     )
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The open storage holding ``study`` (Optuna keeps it private; studies kept beside it use it)."""
+    return study._storage
 
 
 def load_study(name: str, storage: str = DEFAULT_STORAGE) -> optuna.Study:
@@ -102,16 +109,22 @@ def trial_attrs(policy: Policy, result: Evaluation, *, agent: str, feasible: boo
 def record(study: optuna.Study, policy: Policy, result: Evaluation, *, agent: str, feasible: bool,
            constraints: list[float], base: Mapping[str, float], params: Mapping[str, float] | None = None,
            distributions: Mapping[str, Any] | None = None, values: list[float] | None = None,
-           extra: Mapping[str, Any] | None = None) -> FrozenTrial:
-    """Add one evaluated candidate to ``study`` as a finished trial and return it."""
+           extra: Mapping[str, Any] | None = None, claim: int | None = None) -> FrozenTrial:
+    """Add one evaluated candidate to ``study`` as a finished trial and return it.
+
+    With ``claim`` (a trial number from :func:`claim`) the claimed trial is finished instead, keeping
+    the params it was claimed with."""
+    attrs = trial_attrs(policy, result, agent=agent, feasible=feasible, base=base)
+    attrs.update(extra or {})
+    values = values if values is not None else [result.accuracy]
+    if claim is not None:
+        return _finish(study, claim, TrialState.COMPLETE, values, attrs, {"constraints": list(constraints)})
     if params is None:
         params = dict(policy.ratios)
         distributions = dict.fromkeys(params, RATIO_DISTRIBUTION)
-    attrs = trial_attrs(policy, result, agent=agent, feasible=feasible, base=base)
-    attrs.update(extra or {})
     trial = optuna.trial.create_trial(
         state=TrialState.COMPLETE,
-        values=values if values is not None else [result.accuracy],
+        values=values,
         params=dict(params),
         distributions=dict(distributions or {}),
         user_attrs=attrs,
@@ -123,18 +136,52 @@ def record(study: optuna.Study, policy: Policy, result: Evaluation, *, agent: st
 
 def record_failure(study: optuna.Study, policy: Policy | None, reason: str, *, agent: str,
                    params: Mapping[str, float] | None = None,
-                   distributions: Mapping[str, Any] | None = None) -> None:
-    """Keep a failed candidate in the study with its reason, so nothing is silently dropped."""
+                   distributions: Mapping[str, Any] | None = None, claim: int | None = None) -> None:
+    """Keep a failed candidate in the study with its reason, so nothing is silently dropped.
+    With ``claim`` (a trial number from :func:`claim`) the claimed trial is failed instead."""
     if params is None and policy is not None:
         params = dict(policy.ratios)
         distributions = dict.fromkeys(params, RATIO_DISTRIBUTION)
     attrs = {"agent": agent, "feasible": False, "fail_reason": reason}
     if policy is not None:
         attrs["policy"] = policy.to_json(indent=None)
+    if claim is not None:
+        _finish(study, claim, TrialState.FAIL, None, attrs)
+        return
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.FAIL, params=dict(params or {}), distributions=dict(distributions or {}),
         user_attrs=attrs,
     ))
+
+
+def claim(study: optuna.Study, key: str, *, params: Mapping[str, Any], distributions: Mapping[str, Any],
+          user_attrs: Mapping[str, Any]) -> int:
+    """Add a RUNNING trial for a candidate this process is about to evaluate, and return its number.
+
+    Processes sharing the study see the claim (user attribute ``claim_key``, plus whatever
+    ``user_attrs`` say about its owner) and leave the candidate alone; :func:`record` or
+    :func:`record_failure` with ``claim=`` the number finishes the trial, so that the candidate stays
+    one trial. Optuna's ``ask`` cannot fix the params of the trial it creates, hence the storage call.
+    """
+    trial = optuna.trial.create_trial(state=TrialState.RUNNING, params=dict(params),
+                                      distributions=dict(distributions),
+                                      user_attrs={**user_attrs, "claim_key": key})
+    storage = storage_of(study)
+    return storage.get_trial_number_from_id(storage.create_new_trial(study._study_id, template_trial=trial))
+
+
+def _finish(study: optuna.Study, number: int, state: TrialState, values: list[float] | None,
+            user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any] | None = None) -> FrozenTrial:
+    """Finish the claimed trial ``number``; raises optuna's ``UpdateFinishedTrialError`` when another
+    process finished it first (it took the claim over as abandoned)."""
+    storage = storage_of(study)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    for k, v in user_attrs.items():
+        storage.set_trial_user_attr(trial_id, k, v)
+    for k, v in (system_attrs or {}).items():
+        storage.set_trial_system_attr(trial_id, k, v)
+    storage.set_trial_state_values(trial_id, state, values)
+    return storage.get_trial(trial_id)
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:

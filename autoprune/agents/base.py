@@ -183,45 +183,54 @@ class SearchContext:
         distributions: Mapping[str, Any] | None = None,
         values: Callable[[Evaluation], list[float]] | None = None,
         extra: Mapping[str, Any] | None = None,
+        claim: int | None = None,
     ) -> Evaluation | None:
         """Evaluate ``policy`` with the shared evaluator and record it as one trial.
 
         Returns the evaluation, or None when the candidate failed (recorded as a failed trial).
-        A candidate the study already holds is answered from it without a new trial.
+        A candidate the study already holds is answered from it without a new trial. ``claim`` is
+        the number of a RUNNING trial this process claimed for the candidate
+        (:func:`autoprune.study.claim`, how workers share out candidates): its record finishes that
+        trial instead of adding one.
         """
         steps = self.finetune_steps if finetune_steps is None else finetune_steps
         key = (policy.key(), steps, "val")
         if key in self._recorded:
+            if claim is not None:
+                record_failure(self.study, policy, "already recorded in the study", agent=self.agent, claim=claim)
             return self._recorded[key]
         try:
             result = self.evaluator.evaluate(policy, steps)
         except CandidateError as e:
-            self.record_failure(policy, str(e), params=params, distributions=distributions)
+            self.record_failure(policy, str(e), params=params, distributions=distributions, claim=claim)
             return None
         except KeyboardInterrupt:
             # Ctrl-C: the running candidate is kept as a failed trial, then the search stops
-            self.record_failure(policy, "interrupted by the user", params=params, distributions=distributions)
+            self.record_failure(policy, "interrupted by the user", params=params, distributions=distributions,
+                                claim=claim)
             raise
         self._recorded[key] = result
-        self._record(policy, result, params=params, distributions=distributions, values=values, extra=extra)
+        self._record(policy, result, params=params, distributions=distributions, values=values, extra=extra,
+                     claim=claim)
         return result
 
     def record_failure(self, policy: Policy | None, reason: str, *, params: Mapping[str, float] | None = None,
-                       distributions: Mapping[str, Any] | None = None) -> None:
+                       distributions: Mapping[str, Any] | None = None, claim: int | None = None) -> None:
         """Record a candidate that failed (e.g. a diverging fine-tune) as a failed trial."""
-        record_failure(self.study, policy, reason, agent=self.agent, params=params, distributions=distributions)
+        record_failure(self.study, policy, reason, agent=self.agent, params=params, distributions=distributions,
+                       claim=claim)
         self.reporter.advance(None, False, self._best_value())
 
     def _record(self, policy: Policy, result: Evaluation, *, params: Mapping[str, float] | None,
                 distributions: Mapping[str, Any] | None, values: Callable[[Evaluation], list[float]] | None,
-                extra: Mapping[str, Any] | None) -> None:
+                extra: Mapping[str, Any] | None, claim: int | None = None) -> None:
         """The one place a measured candidate becomes a trial: feasibility, constraints, progress."""
         feasible = self.is_feasible(result)
         record(
             self.study, policy, result, agent=self.agent, feasible=feasible,
             constraints=constraint_values(self.budgets, result.resources(), self.base), base=self.base,
             params=params, distributions=distributions,
-            values=values(result) if values is not None else None, extra=extra,
+            values=values(result) if values is not None else None, extra=extra, claim=claim,
         )
         self.evaluated += 1
         self.reporter.advance(result, feasible, self._best_value())
