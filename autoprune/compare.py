@@ -6,7 +6,8 @@ Every agent's search is an ordinary study (``<model>-<dataset>-<agent>-<budget>`
 ``<prefix>-<agent>`` with ``study_prefix``), so a comparison that is interrupted resumes where it
 stopped, and ``autoprune report`` on any of the studies shows the others beside it. Search wall time
 is what the study's searches took in all, accumulated over resumed runs (``search_seconds``, recorded
-on the study by :func:`autoprune.runner.run_search`); evaluations are the trials the study holds.
+on the study by :func:`autoprune.runner.run_search`); evaluations are the trials the study holds (for
+the sensitivity agent, with the probes of its scan study).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from autoprune.budget import Budget, budgets_slug, format_amount
 from autoprune.errors import InputError
 from autoprune.policy import Policy
 from autoprune.runner import Setup, make_evaluator, run_search
-from autoprune.study import DEFAULT_STORAGE, study_name
+from autoprune.study import DEFAULT_STORAGE, load_study, study_name
 
 COLUMNS = ("agent", "test_accuracy", "val_accuracy", "flops", "flops_ratio", "params", "params_ratio",
            "latency_ms", "search_seconds", "evaluations", "feasible", "study")
@@ -108,7 +109,10 @@ def run_compare(
             evaluator_settings=evaluator_settings, reporter=reporter(agent) if reporter else None, final=False,
         )
         st = outcome.study
-        evaluations = sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in st.get_trials(deepcopy=False))
+        evaluations = _evaluations(st)
+        scan = st.user_attrs.get("sensitivity_scan")
+        if scan:  # the sensitivity agent's probes are trials of a scan study of their own
+            evaluations += _evaluations(load_study(scan, storage))
         row = Row(agent, name, evaluations, float(st.user_attrs.get("search_seconds", outcome.seconds)),
                   outcome.policy is not None)
         if outcome.policy is not None:
@@ -131,6 +135,10 @@ def run_compare(
             log(f"{agent}: no feasible policy")
         rows.append(row)
     return rows
+
+
+def _evaluations(study) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.get_trials(deepcopy=False))
 
 
 def _cell(column: str, value: Any) -> str:
