@@ -147,7 +147,8 @@ class SearchContext:
 
     def project(self, ratios: Mapping[str, float], tol: float = 1e-4) -> dict[str, float]:
         """Shift every ratio by one common amount (clipped to [0, max_ratio]) so that the budgets
-        hold as tightly as the channel granularity allows: the least pruning that still fits.
+        hold as tightly as the granularity allows: the least pruning that still fits (the cost is
+        the evaluator's, in its granularity's arithmetic: N:M ratios snapped, masks counted effective).
 
         Raises :class:`InputError` when even ``max_ratio`` everywhere cannot meet the budgets.
         """
@@ -157,15 +158,21 @@ class SearchContext:
         return fitted
 
     def unreachable(self) -> None:
-        most = dict.fromkeys(self.evaluator.space.names, self.max_ratio)
+        ev = self.evaluator
+        most = dict.fromkeys(ev.space.names, self.max_ratio)
         cost = self.cost(most)
+        if ev.granularity == "channel":
+            how = f"removing {self.max_ratio:.0%} of every prunable group"
+        else:
+            top = max(ev.policy(most).ratios.values(), default=0.0)
+            how = f"{ev.granularity} masks at {top:.0%} sparsity in every prunable group's layers"
         parts = [
             f"{b.resource} {format_amount(b.resource, cost[b.resource])} "
             f"({cost[b.resource] / self.base[b.resource]:.1%}) > {b}"
             for b in self.budgets if not b.holds(cost[b.resource], self.base[b.resource])
         ]
         raise InputError(
-            f"budget cannot be met: removing {self.max_ratio:.0%} of every prunable group still leaves "
+            f"budget cannot be met: {how} still leaves "
             + "; ".join(parts) + " (pinned layers are kept whole; --ignore pins more)"
         )
 
@@ -292,6 +299,8 @@ class Agent(abc.ABC):
     # the study's objectives: the first is always the validation accuracy; agents recording more
     # values per trial (``ctx.evaluate(..., values=...)``) declare their directions here
     directions: ClassVar[tuple[str, ...]] = ("maximize",)
+    # True when the agent builds channel-pruned models itself, so that only --granularity channel applies
+    channel_only: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))
