@@ -1,4 +1,5 @@
-"""The ``autoprune`` command: search, export, apply, train, dashboard, agents, models.
+"""The ``autoprune`` command: search, export, apply, train, worker, report, compare, dashboard, agents,
+criteria, models.
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 1 anything else, 130 interrupted.
 """
@@ -68,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-flops", help="FLOPs kept: 50%%, 0.5, 2x or an amount such as 120M")
     s.add_argument("--budget-params", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
     s.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
+    s.add_argument("--latency-batch", type=int, default=1,
+                   help="samples per timed forward pass for latency (default 1: one input's latency)")
+    from autoprune.pruning.criteria import CRITERIA
+
     s.add_argument("--criterion", default="l1",
-                   help="importance criterion (default l1; unstructured and N:M take l1, l2 or random)")
+                   help=f"which channels a ratio removes: {', '.join(CRITERIA)} (see `autoprune criteria`; "
+                   "default l1); unstructured and N:M take l1, l2 (both |w| per weight) or random")
+    s.add_argument("--criterion-batches", type=int, default=8,
+                   help="training batches that taylor, hessian, apoz and entropy read (default 8)")
     s.add_argument("--granularity", default="channel",
                    help="channel (default: channels removed), unstructured (weight masks) or N:M such as 2:4 "
                    "(N of every M weights along the input dimension)")
@@ -117,12 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=None)
     r.add_argument("-o", "--output", required=True, help="folder for the plots and index.html")
 
+    c = sub.add_parser("compare", help="run several agents on one model and budget; one table (Markdown, CSV)")
+    _add_model_args(c)
+    c.add_argument("--agents", default="uniform,random,amc,netadapt,icepick,gates,sensitivity",
+                   help="comma-separated agents (default: all built in)")
+    c.add_argument("--budget-flops", help="FLOPs kept: 50%%, 0.5, 2x or an amount such as 120M")
+    c.add_argument("--budget-params", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
+    c.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
+    c.add_argument("--latency-batch", type=int, default=1, help="samples per timed forward pass (default 1)")
+    c.add_argument("--criterion", default="l1", help="channel importance criterion (default l1)")
+    c.add_argument("--trials", type=int, default=20, help="evaluations per agent (default 20)")
+    c.add_argument("--pretrain-steps", type=int,
+                   help="train the model this many steps first (cached; default as for search)")
+    c.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps per candidate (default 0)")
+    c.add_argument("--final-steps", type=int, default=100,
+                   help="fine-tune steps of each agent's best policy before the test score (default 100)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///autoprune.db)")
+    c.add_argument("--study-prefix", help="study names <prefix>-<agent> (default <model>-<dataset>-<agent>-<budget>)")
+    c.add_argument("-o", "--output", default="compare", help="folder for compare.md and compare.csv")
+    _add_agent_options(c)
+
     d = sub.add_parser("dashboard", help="open optuna-dashboard on the storage")
     d.add_argument("--storage", default=None)
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
 
     sub.add_parser("agents", help="list the search agents")
+    sub.add_parser("criteria", help="list the channel importance criteria")
     sub.add_parser("models", help="list the model zoo and datasets")
     return parser
 
@@ -135,14 +165,22 @@ def _budgets(args: argparse.Namespace):
 
 def _agent_options(args: argparse.Namespace) -> dict[str, Any]:
     chosen: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if not key.startswith("agentopt__") or value is None:
-            continue
-        _, agent, opt = key.split("__", 2)
+    for agent, options in _options_by_agent(args).items():
         if agent != args.agent:
+            opt = next(iter(options))
             raise InputError(f"--{agent}-{opt.replace('_', '-')} applies to --agent {agent}, not {args.agent}")
-        chosen[opt] = value
+        chosen.update(options)
     return chosen
+
+
+def _options_by_agent(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The ``--<agent>-<option>`` values given, by agent."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if key.startswith("agentopt__") and value is not None:
+            _, agent, opt = key.split("__", 2)
+            out.setdefault(agent, {})[opt] = value
+    return out
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -172,6 +210,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _positive("--timeout", args.timeout, allow_zero=False)
     _positive("--finetune-steps", args.finetune_steps)
     _positive("--pretrain-steps", args.pretrain_steps)
+    _positive("--criterion-batches", args.criterion_batches, allow_zero=False)
     if not 0 < args.max_ratio < 1:
         raise InputError(f"--max-ratio must be in (0, 1), got {args.max_ratio}")
     options = _agent_options(args)
@@ -188,7 +227,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             trials=args.trials, timeout=args.timeout, finetune_steps=args.finetune_steps, seed=args.seed,
             device=args.device, criterion=args.criterion, granularity=granularity, ignore=args.ignore,
             max_ratio=args.max_ratio,
-            evaluator_settings={"distill": args.distill}, reporter=reporter, output=args.output,
+            evaluator_settings={"distill": args.distill, "latency_batch": args.latency_batch,
+                                "criterion_batches": args.criterion_batches},
+            reporter=reporter, output=args.output,
         )
     except KeyboardInterrupt:
         reporter.stop()
@@ -293,6 +334,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from autoprune.compare import markdown, parse_agents, run_compare, write_tables
+    from autoprune.pruning import get_criterion
+    from autoprune.report import ProgressReporter
+    from autoprune.runner import prepare
+
+    console = _console()
+    budgets = _budgets(args)
+    if not budgets:
+        raise InputError("give at least one budget: --budget-flops, --budget-params or --budget-latency")
+    agents = parse_agents(args.agents)
+    get_criterion(args.criterion)
+    _positive("--trials", args.trials, allow_zero=False)
+    _positive("--finetune-steps", args.finetune_steps)
+    _positive("--final-steps", args.final_steps)
+    _positive("--pretrain-steps", args.pretrain_steps)
+    options = _options_by_agent(args)
+    stray = sorted(set(options) - set(agents))
+    if stray:
+        raise InputError(f"options for agent {stray[0]!r}, which is not in --agents")
+    log = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
+    setup = prepare(args.model, args.dataset, data_root=args.data_root, download=args.download,
+                    checkpoint=args.checkpoint, pretrain_steps=args.pretrain_steps, device=args.device, log=log)
+    rows = run_compare(
+        setup, budgets, agents, trials=args.trials, finetune_steps=args.finetune_steps,
+        final_steps=args.final_steps, storage=_storage(args), study_prefix=args.study_prefix,
+        agent_options=options, seed=args.seed, device=args.device, criterion=args.criterion,
+        evaluator_settings={"latency_batch": args.latency_batch},
+        reporter=lambda agent: ProgressReporter(console), log=log,
+    )
+    title = (f"{setup.info['name']} on {setup.data.name}, {', '.join(str(b) for b in budgets)}: "
+             f"{args.trials} evaluations per agent, {args.finetune_steps} fine-tune steps each, "
+             f"{args.final_steps} final fine-tune steps")
+    md, csv_path = write_tables(rows, args.output, title)
+    print(markdown(rows, title))
+    console.print(f"wrote {md} and {csv_path}")
+    return EXIT_OK if any(r.feasible for r in rows) else EXIT_ERROR
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import run_server
 
@@ -316,6 +396,22 @@ def cmd_agents(args: argparse.Namespace) -> int:
     for name, cls in list_agents().items():
         opts = ", ".join(f"--{name}-{k.replace('_', '-')}" for k in cls.options) or "-"
         table.add_row(name, cls.description, opts)
+    _console().print(table)
+    return EXIT_OK
+
+
+def cmd_criteria(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autoprune.pruning.criteria import CRITERIA, DATA_CRITERIA
+
+    table = Table(title="channel importance criteria (--criterion; the lowest-scoring channels go)")
+    table.add_column("criterion")
+    table.add_column("score")
+    table.add_column("reads")
+    for name, (_, description) in CRITERIA.items():
+        reads = "random numbers" if name == "random" else "training batches" if name in DATA_CRITERIA else "weights"
+        table.add_row(name, description, reads)
     _console().print(table)
     return EXIT_OK
 
@@ -349,8 +445,10 @@ COMMANDS = {
     "train": cmd_train,
     "worker": cmd_worker,
     "report": cmd_report,
+    "compare": cmd_compare,
     "dashboard": cmd_dashboard,
     "agents": cmd_agents,
+    "criteria": cmd_criteria,
     "models": cmd_models,
 }
 

@@ -20,7 +20,7 @@ recorded result can be reproduced exactly (``autoprune apply`` does).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,6 +86,8 @@ class Evaluator:
     criterion: default criterion for policies that do not name one (``l1``).
     granularity: default granularity of the policies it makes: ``channel``, ``unstructured`` or
         ``N:M`` such as ``2:4`` (see :mod:`autoprune.pruning.masks`).
+    criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
+        (taylor, hessian, apoz, entropy) gather their statistics on, once per base model.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
     batch_size: fine-tune and BN-recalibration batch size.
     eval_batch_size: scoring batch size.
@@ -93,6 +95,9 @@ class Evaluator:
     finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
     distill: weight of the distillation loss from the unpruned model (0 turns it off).
     latency: measure latency of every evaluated candidate (needed for latency budgets).
+    latency_batch: samples per timed forward pass. 1 is deployment latency of one input; a larger
+        batch measures throughput-bound latency, where the model's own compute dominates rather than
+        per-layer dispatch overhead (small models on a CPU are overhead-bound at batch 1).
     seed: seeds the batches and augmentation of every candidate.
     amp: bf16 autocast on CUDA (``"auto"``: on CUDA only).
     model_info: metadata stamped into every policy (model name, dataset, shapes).
@@ -106,6 +111,7 @@ class Evaluator:
         device: str | torch.device = "auto",
         criterion: str = "l1",
         granularity: str = "channel",
+        criterion_batches: int = 8,
         ignore: Iterable[str] = (),
         batch_size: int = 128,
         eval_batch_size: int = 1000,
@@ -115,6 +121,7 @@ class Evaluator:
         temperature: float = 4.0,
         latency: bool = False,
         latency_repeats: int = 20,
+        latency_batch: int = 1,
         seed: int = 0,
         amp: bool | str = "auto",
         model_info: Mapping[str, Any] | None = None,
@@ -126,6 +133,7 @@ class Evaluator:
         self.granularity = parse_granularity(granularity)
         if self.granularity != "channel":
             check_criterion(self.granularity, criterion)
+        self.criterion_batches = criterion_batches
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.bn_batches = bn_batches
@@ -134,13 +142,18 @@ class Evaluator:
         self.temperature = temperature
         self.latency = latency
         self.latency_repeats = latency_repeats
+        if int(latency_batch) < 1:
+            from autoprune.errors import InputError
+
+            raise InputError(f"--latency-batch must be at least 1, not {latency_batch}")
+        self.latency_batch = int(latency_batch)
         self.seed = seed
         self.amp = (self.device.type == "cuda") if amp == "auto" else bool(amp)
         self.example_input = torch.zeros(
             1, data.in_channels, data.image_size, data.image_size, device=self.device
         )
         self.space = Space.from_model(self.model, self.example_input, ignore=ignore)
-        self.pruner = ChannelPruner(self.space)
+        self.pruner = ChannelPruner(self.space, calibration=self.calibration, seed=seed)
         self._mask_pruner: MaskPruner | None = None
         self.model_info = dict(model_info or {})
         self.model_info.setdefault("groups", len(self.space.names))
@@ -273,8 +286,16 @@ class Evaluator:
         """Seed the cache with a result recorded earlier (a resumed study)."""
         self._cache[(policy.key(), int(finetune_steps), result.split)] = result
 
+    def calibration(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``criterion_batches`` training batches that data-reading criteria score channels on: the
+        same for a given seed, so ``apply`` picks the channels the search picked."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
+                                drop_last=True).batches(self.criterion_batches)
+
     def _loader(self, split: str):
         return self.data.loader(split, self.eval_batch_size, self.device)
 
     def _latency(self, model: nn.Module) -> float:
-        return measure_latency(model, self.example_input, repeats=self.latency_repeats)
+        return measure_latency(model, self.example_input, repeats=self.latency_repeats,
+                               batch_size=self.latency_batch)

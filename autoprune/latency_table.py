@@ -9,8 +9,11 @@ the given channel counts, timed by :func:`autoprune.cost.measure_latency` on an 
 shape it sees inside the model; the least of ``rounds`` medians taken in sweeps over the whole grid,
 since a busy machine only ever adds time), on a grid of channel counts ``step`` apart, and read back by
 bilinear interpolation between measured points. What the layers do not account for (normalisation,
-activations, additions, pooling, Python overhead) is measured once as a constant: the unpruned model's
-latency minus the sum of its layers' entries at full width.
+activations, additions, pooling, Python overhead) is the *rest*: a fixed part (per-call overhead) plus
+a part proportional to the activations the conv/linear layers produce (element-wise work), fitted on
+two whole-model timings, the unpruned model and the model with half of every prunable group removed
+(each minus the sum of its layers' entries). At batch 1 on a CPU the fixed part dominates; at a large
+``batch`` the proportional one does.
 
 A table is cached on disk (JSON) keyed by model, device, input shape and table settings, so a
 second search on the same model and device measures nothing. :func:`estimate_error` compares the
@@ -35,9 +38,11 @@ import torch
 from torch import nn
 
 from autoprune.cost import measure_latency
+from autoprune.policy import Policy
+from autoprune.pruning import ChannelPruner
 from autoprune.space import Layer, Space
 
-SCHEMA = "autoprune.latency-table/1"
+SCHEMA = "autoprune.latency-table/2"
 
 
 def default_directory() -> Path:
@@ -138,17 +143,20 @@ class LatencyTable:
 
     Build it with :meth:`build` (measures, or loads the cached table). ``estimate(ratios)`` is the
     table's latency in seconds for a policy's ratios: the sum over conv/linear layers of their
-    interpolated latency at the channel counts the ratios leave, plus ``rest`` (the measured latency
+    interpolated latency at the channel counts the ratios leave, plus ``rest + rest_per_element`` times
+    the activation elements the layers produce (the measured latency
     of everything else, a constant). ``measurements`` counts the layer timings this build made
     (0 when the table came from the cache); ``path`` is where it is cached.
     """
 
     def __init__(self, space: Space, key: dict[str, Any], entries: dict[str, _Entry], rest: float,
-                 full: float, measurements: int = 0, path: Path | None = None, seconds: float = 0.0) -> None:
+                 full: float, measurements: int = 0, path: Path | None = None, seconds: float = 0.0,
+                 rest_per_element: float = 0.0) -> None:
         self.space = space
         self.key = key
         self.entries = entries
-        self.rest = rest
+        self.rest = rest  # fixed part of what the layers do not account for, seconds
+        self.rest_per_element = rest_per_element  # seconds per activation element the layers produce
         self.full = full  # measured latency of the unpruned model when the table was built
         self.measurements = measurements
         self.path = path
@@ -167,6 +175,7 @@ class LatencyTable:
         repeats: int = 5,
         warmup: int = 2,
         rounds: int = 3,
+        batch: int = 1,
         directory: str | os.PathLike | None = None,
         cache: bool = True,
     ) -> LatencyTable:
@@ -180,6 +189,7 @@ class LatencyTable:
         step: channel step of the measured grid; latencies between grid points are interpolated.
         repeats, warmup: timed and untimed passes per measured point (the median is kept).
         rounds: medians taken per point; the least is kept (a busy machine only ever adds time).
+        batch: samples per timed pass (the evaluator's ``latency_batch``), part of the cache key.
         directory: where tables are cached (default :func:`default_directory`).
         cache: read and write the cache (False measures every time and writes nothing).
         """
@@ -192,6 +202,7 @@ class LatencyTable:
             "input_shape": list(space.example_input.shape),
             "step": int(step),
             "repeats": int(repeats),
+            "batch": int(batch),
             "layers": sorted(set(signatures.values())),
             "torch": torch.__version__.split("+")[0],
         }
@@ -207,13 +218,16 @@ class LatencyTable:
         t0 = time.perf_counter()
         grids: dict[str, tuple[list[int], list[int]]] = {}
         for layer in layers:
+            # identical layers (same kind, shape and channels) share one grid: the points all of them need
+            # (one may have a pinned input where another's input is pruned)
             sig = signatures[layer.name]
-            if sig in grids:
-                continue  # identical layers (same kind, shape and channels) share their measurements
             ins = cls._points(space, layer.in_channels, layer.in_groups, step)
             outs = cls._points(space, layer.out_channels, layer.out_groups, step)
             if layer.kind == "depthwise":
                 ins = [layer.in_channels]
+            if sig in grids:
+                ins = sorted(set(ins) | set(grids[sig][0]))
+                outs = sorted(set(outs) | set(grids[sig][1]))
             grids[sig] = (ins, outs)
         by_sig = {signatures[layer.name]: layer for layer in reversed(layers)}
         points = [(sig, i, j, *standalone(space, by_sig[sig], c_in, c_out))
@@ -225,15 +239,29 @@ class LatencyTable:
         # over the build and a burst of load elsewhere on the machine spoils one of them, not all
         for _ in range(max(1, rounds)):
             full = min(full, measure_latency(space.model, space.example_input, warmup=max(warmup, 3),
-                                             repeats=max(repeats, 10)))
+                                             repeats=max(repeats, 10), batch_size=batch))
             for k, (_sig, _i, _j, module, x) in enumerate(points):
-                best[k] = min(best[k], measure_latency(module, x, warmup=warmup, repeats=repeats))
+                best[k] = min(best[k], measure_latency(module, x, warmup=warmup, repeats=repeats, batch_size=batch))
         entries = {sig: _Entry(ins, outs, [[0.0] * len(outs) for _ in ins]) for sig, (ins, outs) in grids.items()}
         for (sig, i, j, _m, _x), seconds in zip(points, best):
             entries[sig].seconds[i][j] = seconds
         count = len(points)
         table = cls(space, key, entries, 0.0, full, count, path, time.perf_counter() - t0)
-        table.rest = full - table._layers_sum(table._full_counts())
+        # the rest, fitted on the unpruned model and the model with half of every group removed
+        half_ratios = dict.fromkeys(space.names, 0.5)
+        if not space.names:
+            half_ratios = {}
+        half_model = ChannelPruner(space).prune(Policy(dict(half_ratios)))
+        half = math.inf
+        for _ in range(max(1, rounds)):
+            half = min(half, measure_latency(half_model, space.example_input, warmup=max(warmup, 3),
+                                             repeats=max(repeats, 10), batch_size=batch))
+        full_sum, full_volume = table._layers_sum(table._full_counts())
+        half_sum, half_volume = table._layers_sum(space.keep_counts(half_ratios))
+        rest_full, rest_half = full - full_sum, half - half_sum
+        if full_volume > half_volume and rest_full > rest_half:
+            table.rest_per_element = (rest_full - rest_half) / (full_volume - half_volume)
+        table.rest = rest_full - table.rest_per_element * full_volume
         if cache:
             table.save(path)
         return table
@@ -252,6 +280,7 @@ class LatencyTable:
             "schema": SCHEMA,
             "key": self.key,
             "rest": self.rest,
+            "rest_per_element": self.rest_per_element,
             "full": self.full,
             "entries": {sig: {"in": e.in_points, "out": e.out_points, "seconds": e.seconds}
                         for sig, e in self.entries.items()},
@@ -267,7 +296,8 @@ class LatencyTable:
         if data.get("schema") != SCHEMA or data.get("key") != json.loads(json.dumps(key)):
             raise ValueError("stale latency table")
         entries = {sig: _Entry(e["in"], e["out"], e["seconds"]) for sig, e in data["entries"].items()}
-        table = cls(space, key, entries, float(data["rest"]), float(data["full"]), 0, path)
+        table = cls(space, key, entries, float(data["rest"]), float(data["full"]), 0, path,
+                    rest_per_element=float(data["rest_per_element"]))
         missing = set(table.signatures.values()) - set(entries)
         if missing:
             raise ValueError("latency table lacks layers")
@@ -281,18 +311,27 @@ class LatencyTable:
     def _full_counts(self) -> dict[str, int]:
         return {g.name: g.channels for g in self.space.groups}
 
-    def _layers_sum(self, kept: Mapping[str, int]) -> float:
-        total = 0.0
+    def _layers_sum(self, kept: Mapping[str, int]) -> tuple[float, float]:
+        """The layers' summed latency at the channel counts ``kept`` leaves, and the activation
+        elements they produce per sample."""
+        total = volume = 0.0
         for layer in self.layers:
             c_in = layer.in_channels - sum((self.space.by_name[g].channels - kept[g]) * m for g, m in layer.in_groups)
             c_out = layer.out_channels - sum((self.space.by_name[g].channels - kept[g]) * m
                                              for g, m in layer.out_groups)
             total += self.layer_latency(layer.name, c_in, c_out)
-        return total
+            volume += c_out * math.prod(layer.output_shape[1:]) / layer.out_channels
+        return total, volume
 
     def estimate(self, ratios: Mapping[str, float]) -> float:
         """The table's latency in seconds of the model pruned by ``ratios`` (fractions removed)."""
-        return self._layers_sum(self.space.keep_counts(ratios)) + self.rest
+        seconds, volume = self._layers_sum(self.space.keep_counts(ratios))
+        return seconds + self.rest + self.rest_per_element * volume
+
+    @property
+    def batch(self) -> int:
+        """Samples per timed pass the table was measured at."""
+        return int(self.key.get("batch", 1))
 
     @property
     def base(self) -> float:
@@ -312,9 +351,6 @@ def estimate_error(table: LatencyTable, candidates: Iterable[Mapping[str, float]
     candidate), ``mean_abs_rel_error``, ``max_abs_rel_error`` and ``rank_agreement``: the fraction of
     candidate pairs whose order by estimate matches their order by measurement.
     """
-    from autoprune.policy import Policy
-    from autoprune.pruning import ChannelPruner
-
     pruner = pruner if pruner is not None else ChannelPruner(table.space)
     names = table.space.names
     candidates = [dict(c) for c in candidates]
@@ -323,7 +359,7 @@ def estimate_error(table: LatencyTable, candidates: Iterable[Mapping[str, float]
     for _ in range(max(1, rounds)):  # interleaved, as in the table's build
         for k, model in enumerate(models):
             measured[k] = min(measured[k], measure_latency(model, table.space.example_input, warmup=3,
-                                                           repeats=repeats))
+                                                           repeats=repeats, batch_size=table.batch))
     rows = []
     for ratios, seconds in zip(candidates, measured):
         estimate = table.estimate(ratios)

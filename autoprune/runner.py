@@ -39,7 +39,8 @@ DEFAULT_PRETRAIN_STEPS = 500
 PRETRAIN_SEED = 0  # the base model does not change with the search's --seed
 
 # evaluator settings a policy records, so that `apply` rebuilds exactly the recorded model
-EVALUATOR_SETTINGS = ("batch_size", "bn_batches", "finetune_lr", "distill", "seed")
+EVALUATOR_SETTINGS = ("batch_size", "bn_batches", "finetune_lr", "distill", "latency_batch", "seed",
+                      "criterion_batches")
 
 
 @dataclass
@@ -211,6 +212,8 @@ def run_search(
         (reporter or Reporter()).stop()
     outcome = SearchOutcome(st, None, None, baseline_val, new_trials=ctx.trials_done - before,
                             seconds=time.perf_counter() - t0, info=result.info)
+    # wall time of every run of this study's search, so that a resumed search reports its whole cost
+    st.set_user_attr("search_seconds", float(st.user_attrs.get("search_seconds", 0.0)) + outcome.seconds)
     trial = best_feasible(st)
     if trial is None:
         return outcome
@@ -249,11 +252,16 @@ def _check_same_model(st, setup: Setup, evaluator: Evaluator) -> None:
             f"study {st.study_name!r} holds trials of another model ({recorded.get('name')} on "
             f"{recorded.get('dataset')}); choose another --study name"
         )
-    recorded_granularity = st.user_attrs.get("settings", {}).get("granularity", "channel")
-    if recorded_granularity != evaluator.granularity:
+    before = st.user_attrs.get("settings", {})
+    if before.get("granularity", "channel") != evaluator.granularity:
         raise InputError(
-            f"study {st.study_name!r} holds trials of --granularity {recorded_granularity}, not "
+            f"study {st.study_name!r} holds trials of --granularity {before.get('granularity', 'channel')}, not "
             f"{evaluator.granularity}; choose another --study name"
+        )
+    if before.get("budget_args", {}).get("latency") and evaluator.latency_batch != before.get("latency_batch", 1):
+        raise InputError(
+            f"study {st.study_name!r} timed latency at batch {before.get('latency_batch', 1)}, not "
+            f"{evaluator.latency_batch}; use that --latency-batch or another --study name"
         )
 
 

@@ -10,6 +10,10 @@ augmentation), score the validation split, count FLOPs. Run:
 
 Figures are medians of ``repeats`` runs, printed as ratios of one run of this script (the machine is
 shared and noisy: compare ratios, not seconds, across runs).
+
+``--agents amc,netadapt`` also times whole agent runs (AMC: ``--episodes`` episodes; NetAdapt: one
+iteration, a proposal per group) against the time spent inside the evaluations they contain: the
+ratio is the agent's own overhead (environment steps, DDPG updates, recording trials in the study).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--agents", default="", help="also time these agents' runs: amc, netadapt")
+    ap.add_argument("--episodes", type=int, default=10, help="AMC episodes to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -127,6 +133,50 @@ def main() -> None:
     print(f"| hand-written loop (incl. pruning) | {t_hand:.3f} | 1.000 |")
     print(f"| of which pruning a copy | {t_prune:.3f} | {t_prune / t_hand:.3f} |")
     print(f"| scoring + FLOPs/params count | {t_flops:.3f} | {t_flops / t_hand:.3f} |")
+    agents = [a for a in args.agents.split(",") if a]
+    if agents:
+        print()
+        print("| agent run | evaluations | wall s | inside evaluate() s | ratio |")
+        print("| --- | --- | --- | --- | --- |")
+        for agent in agents:
+            n, wall, inside = time_agent(agent, setup, args)
+            print(f"| {agent} | {n} | {wall:.2f} | {inside:.2f} | {wall / inside:.3f} |")
+
+
+def time_agent(agent: str, setup, args) -> tuple[int, float, float]:
+    """One agent run on a fresh evaluator and in-memory study: (evaluations, wall, seconds inside evaluate)."""
+    import optuna
+
+    from autoprune.agents import SearchContext, get_agent
+    from autoprune.budget import parse_budget
+
+    ev = make_evaluator(setup, device=args.device, bn_batches=20)
+    inside = 0.0
+    evaluate = ev.evaluate
+
+    def timed_evaluate(*a, **kw):
+        nonlocal inside
+        t0 = time.perf_counter()
+        try:
+            return evaluate(*a, **kw)
+        finally:
+            inside += time.perf_counter() - t0
+
+    ev.evaluate = timed_evaluate
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    if agent == "amc":
+        trials, options = args.episodes, {"warmup": max(1, args.episodes // 2)}
+    elif agent == "netadapt":  # one iteration: one proposal per group, no long-term fine-tune
+        trials, options = len(ev.space.names), {"long_steps": 0, "initial": 0.05}
+    else:
+        raise SystemExit(f"--agents: no timing recipe for {agent!r} (amc, netadapt)")
+    ctx = SearchContext(ev, [parse_budget("flops", "50%")], study, agent, n_trials=trials, seed=0,
+                        finetune_steps=args.steps)
+    t0 = time.perf_counter()
+    get_agent(agent)(**options).search(ctx)
+    wall = time.perf_counter() - t0
+    return ev.evaluations, wall, inside
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import torch
 import autoprune.agents.netadapt  # noqa: F401  (registers the agent)
 from autoprune.agents import SearchContext, get_agent
 from autoprune.budget import parse_budget
+from autoprune.cost import count_flops
+from autoprune.errors import InputError
 from autoprune.evaluator import Evaluator
 from autoprune.latency_table import LatencyTable, estimate_error
 from autoprune.models import build_model
@@ -171,3 +173,98 @@ def test_latency_budget_searches_on_the_table_and_records_measured_latency(train
         assert a["feasible"] == (a["latency"] <= 0.97 * ctx.base["latency"] * (1 + 1e-9))
     if result.info["budget_reached"]:
         assert result.policy is not None and result.evaluation.latency <= 0.97 * ctx.base["latency"] * (1 + 1e-9)
+
+
+def test_latency_is_timed_at_the_chosen_batch(trained_resnet20, digits, tmp_path, monkeypatch):
+    """--latency-batch reaches every timing: the evaluator's, the table's points and its whole-model passes."""
+    from autoprune.cost import count_flops
+
+    batches = []
+
+    def latency(model, example_input, warmup=5, repeats=20, batch_size=1):
+        batches.append(batch_size)
+        return 1e-9 * batch_size * max(1, count_flops(model, example_input))
+
+    monkeypatch.setattr("autoprune.evaluator.measure_latency", latency)
+    monkeypatch.setattr("autoprune.latency_table.measure_latency", latency)
+    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, latency=True, latency_batch=16)
+    assert ev.baseline().latency == pytest.approx(16e-9 * ev.space.base_flops)
+    table = LatencyTable.build(ev.space, model="r20", directory=tmp_path, repeats=2, batch=16)
+    assert table.batch == 16 and set(batches) == {16}
+    one = LatencyTable.build(ev.space, model="r20", directory=tmp_path, repeats=2, batch=1)
+    assert one.path != table.path and one.measurements > 0  # another batch is another table
+    again = LatencyTable.build(ev.space, model="r20", directory=tmp_path, repeats=2, batch=16)
+    assert again.measurements == 0 and again.rest_per_element == table.rest_per_element
+    ratios = dict.fromkeys(ev.space.names, 0.5)
+    assert again.estimate(ratios) == pytest.approx(table.estimate(ratios))
+    with pytest.raises(InputError, match="latency-batch"):
+        Evaluator(trained_resnet20, digits, device="cpu", latency_batch=0)
+
+
+def test_the_rest_grows_with_the_activations_the_layers_produce(trained_resnet20, digits, tmp_path, monkeypatch):
+    """What the conv/linear layers leave out (BN, ReLU, additions) shrinks with the channels: a model whose
+    whole-model passes cost 2 ns per activation element more than its layers gets that slope back."""
+    from autoprune.cost import count_flops
+
+    def elements(model, x):
+        total = 0
+        hooks = [m.register_forward_hook(lambda m, i, o: elements.acc.append(o.numel()))
+                 for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        elements.acc = []
+        with torch.no_grad():
+            model(x[:1])
+        for h in hooks:
+            h.remove()
+        total = sum(elements.acc)
+        return total
+
+    def latency(model, example_input, warmup=5, repeats=20, batch_size=1):
+        whole = sum(1 for _ in model.modules()) > 3  # a standalone layer is one module
+        extra = 1e-3 + 2e-9 * elements(model, example_input) if whole else 0.0
+        return 1e-9 * max(1, count_flops(model, example_input)) + extra
+
+    monkeypatch.setattr("autoprune.latency_table.measure_latency", latency)
+    model = build_model("resnet20", digits.in_channels, digits.num_classes, digits.image_size).eval()
+    space = Space.from_model(model, torch.zeros(1, digits.in_channels, digits.image_size, digits.image_size))
+    table = LatencyTable.build(space, model="r20", cache=False, repeats=2, step=4)
+    assert table.rest_per_element == pytest.approx(2e-9, rel=0.02)
+    assert table.rest == pytest.approx(1e-3, rel=0.02)
+
+
+def test_a_latency_study_keeps_its_batch(trained_resnet20, digits, tmp_path, deterministic_latency):
+    from autoprune.runner import Setup, run_search
+
+    setup = Setup(trained_resnet20, digits, {"name": "resnet20", "dataset": "digits"})
+    storage = f"sqlite:///{tmp_path}/db"
+    budget = [parse_budget("latency", "90%")]
+    run_search(setup, budget, storage=storage, study="lat", device="cpu", final=False,
+               evaluator_settings={"bn_batches": 2, "latency_batch": 8})
+    with pytest.raises(InputError, match="timed latency at batch 8"):
+        run_search(setup, budget, storage=storage, study="lat", device="cpu", final=False,
+                   evaluator_settings={"bn_batches": 2})
+
+
+def test_an_unreachable_latency_budget_names_the_batch(trained_resnet20, digits, tmp_path, deterministic_latency):
+    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, ignore=IGNORE)
+    ctx = SearchContext(ev, [parse_budget("latency", "5%")], open_study("u", f"sqlite:///{tmp_path}/db"), "uniform")
+    with pytest.raises(InputError, match="timed at batch 1.*--latency-batch"):
+        ctx.project({})
+
+
+def test_table_is_exact_when_layer_latency_is_bilinear_in_its_channels(digits, deterministic_latency):
+    """At 1 ns per MAC a layer's latency is bilinear in (in, out) channels, so interpolating the grid is
+    exact, and the table must match the pruned models' counted MACs for any ratios, also where identical
+    layers differ in which of their dimensions is pruned."""
+    from autoprune.policy import Policy
+    from autoprune.pruning import ChannelPruner
+
+    model = build_model("resnet20", digits.in_channels, digits.num_classes, digits.image_size).eval()
+    x = torch.zeros(1, digits.in_channels, digits.image_size, digits.image_size)
+    space = Space.from_model(model, x)
+    table = LatencyTable.build(space, model="r20", cache=False, repeats=1, step=4)
+    pruner = ChannelPruner(space)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        ratios = dict(zip(space.names, rng.uniform(0, 0.9, len(space.names)).tolist()))
+        macs = count_flops(pruner.prune(Policy(ratios)), x)
+        assert table.estimate(ratios) == pytest.approx(macs * 1e-9, rel=1e-9)

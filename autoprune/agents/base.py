@@ -171,9 +171,13 @@ class SearchContext:
             f"({cost[b.resource] / self.base[b.resource]:.1%}) > {b}"
             for b in self.budgets if not b.holds(cost[b.resource], self.base[b.resource])
         ]
+        hint = "pinned layers are kept whole; --ignore pins more"
+        if any(b.resource == "latency" and not b.holds(cost["latency"], self.base["latency"]) for b in self.budgets):
+            hint += (f"; latency is timed at batch {self.evaluator.latency_batch}, where per-layer overhead that "
+                     "pruning cannot remove may dominate: a larger --latency-batch times compute-bound passes")
         raise InputError(
             f"budget cannot be met: {how} still leaves "
-            + "; ".join(parts) + " (pinned layers are kept whole; --ignore pins more)"
+            + "; ".join(parts) + f" ({hint})"
         )
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class NetAdaptAgent(Agent):
         if any(b.resource == "latency" for b in ctx.budgets):
             ctx.reporter.message("latency lookup table: measuring (or loading from cache)")
             self.table = LatencyTable.build(space, model=str(ev.model_info.get("name", "model")),
-                                            step=self.table_step, repeats=self.table_repeats,
+                                            step=self.table_step, repeats=self.table_repeats, batch=ev.latency_batch,
                                             directory=self.table_dir)
         base = {b.resource: self.resource({}, b.resource, ev) for b in ctx.budgets}
         # reachable at all? by the tracked resources or by measurement: one noisy timing must not end it

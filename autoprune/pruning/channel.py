@@ -16,15 +16,21 @@ from torch import nn
 
 from autoprune.errors import InputError
 from autoprune.policy import Policy
-from autoprune.pruning.criteria import get_criterion
+from autoprune.pruning.criteria import Calibration, Statistics, get_criterion
 from autoprune.space import Space, keep_count
 
 
 class ChannelPruner:
-    """Applies channel policies to copies of ``space.model``."""
+    """Applies channel policies to copies of ``space.model``.
 
-    def __init__(self, space: Space) -> None:
+    ``calibration`` (a callable returning the same ``(inputs, labels)`` device batches each call) is
+    what the data-reading criteria (taylor, hessian, apoz, entropy) read; without it they raise
+    :class:`InputError`. ``seed`` seeds the ``random`` criterion.
+    """
+
+    def __init__(self, space: Space, calibration: Calibration | None = None, seed: int = 0) -> None:
         self.space = space
+        self.statistics = Statistics(space, calibration, seed)
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
         self._full_groups: dict[str, object] = {}
         self._maps: dict[str, list[tuple[str, object, int, torch.Tensor, torch.Tensor]] | None] = {}
@@ -83,7 +89,7 @@ class ChannelPruner:
     def scores(self, criterion: str) -> dict[str, torch.Tensor]:
         """Per-channel importance of every prunable group, computed once per criterion."""
         if criterion not in self._scores:
-            score = get_criterion(criterion)
+            score = get_criterion(criterion, self.statistics)
             out = {}
             with torch.no_grad():
                 for g in self.space.prunable:

@@ -46,6 +46,7 @@ from autoprune.cost import count_params
 from autoprune.errors import InputError
 from autoprune.policy import Policy
 from autoprune.pruning.channel import ChannelPruner
+from autoprune.pruning.criteria import Calibration
 from autoprune.space import Space, keep_count
 from autoprune.training import recalibrate_bn, score, train_steps
 
@@ -265,7 +266,8 @@ class IcePick:
         finetuned = probed = 0
         targets = stage_targets(space.names, policy.ratios, stages=self.stages, schedule=self.schedule)
         for i, cumulative in enumerate(targets):
-            model = self.prune_to(model, space, cumulative, policy.criterion, evaluator.example_input)
+            model = self.prune_to(model, space, cumulative, policy.criterion, evaluator.example_input,
+                                  calibration=evaluator.calibration, seed=evaluator.seed)
             recalibrate_bn(model, plain, bn_batches, amp)
             alpha = count_params(model) / space.base_params
             acc, _ = score(model, val, amp)
@@ -288,10 +290,11 @@ class IcePick:
 
     @staticmethod
     def prune_to(model: nn.Module, space: Space, cumulative: Mapping[str, float], criterion: str,
-                 example_input: torch.Tensor) -> nn.Module:
+                 example_input: torch.Tensor, calibration: Calibration | None = None, seed: int = 0) -> nn.Module:
         """A copy of ``model`` (the base model, possibly pruned and fine-tuned already) with the channel
         counts that ``cumulative`` gives the base model's groups; only the additional channels go,
-        chosen by ``criterion`` on ``model``'s current weights."""
+        chosen by ``criterion`` on ``model``'s current weights (and on ``calibration`` batches for the
+        criteria that read data)."""
         current = Space.from_model(model, example_input)
         missing = [n for n in space.names if n not in current.by_name]
         if missing:
@@ -303,7 +306,7 @@ class IcePick:
             ratios[name] = max(0.0, 1.0 - keep / channels)
         if not any(r > 0 for r in ratios.values()):
             return model
-        return ChannelPruner(current).prune(Policy(ratios, criterion=criterion))
+        return ChannelPruner(current, calibration, seed).prune(Policy(ratios, criterion=criterion))
 
     def probe(self, model: nn.Module, batches: Iterator, lr: float, amp: bool = False) -> list[str]:
         """The ``freeze_ratio`` of layers whose weights move least (relative to their norm) in

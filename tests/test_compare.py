@@ -1,0 +1,94 @@
+"""`autoprune compare`: several agents, one budget, one table (Markdown and CSV)."""
+
+import csv
+
+import optuna
+import pytest
+
+from autoprune.budget import parse_budget
+from autoprune.cli import main
+from autoprune.compare import COLUMNS, Row, markdown, parse_agents, run_compare, write_tables
+from autoprune.errors import InputError
+from autoprune.runner import Setup
+
+
+@pytest.fixture(scope="module")
+def compared(trained_resnet20, digits, tmp_path_factory):
+    d = tmp_path_factory.mktemp("compare")
+    storage = f"sqlite:///{d}/c.db"
+    setup = Setup(trained_resnet20, digits, {"name": "resnet20", "dataset": "digits"})
+    rows = run_compare(setup, [parse_budget("flops", "50%")], ["uniform", "random"], trials=3, finetune_steps=0,
+                       final_steps=5, storage=storage, device="cpu", log=lambda m: None,
+                       evaluator_settings={"bn_batches": 2})
+    return d, storage, setup, rows
+
+
+def test_each_agent_gets_a_row_with_its_searchs_figures(compared):
+    d, storage, setup, rows = compared
+    assert [r.agent for r in rows] == ["uniform", "random"]
+    for r in rows:
+        st = optuna.load_study(study_name=r.study, storage=storage)
+        assert r.evaluations == len(st.trials)  # every evaluation is one trial of the agent's study
+        assert r.feasible and r.flops_ratio <= 0.5
+        assert 0 <= r.test_accuracy <= 1 and r.latency_ms > 0 and r.search_seconds > 0
+        assert r.search_seconds == pytest.approx(st.user_attrs["search_seconds"])
+    assert rows[0].evaluations == 1 and rows[1].evaluations == 3  # uniform needs one, random uses them all
+
+
+def test_the_final_figures_do_not_depend_on_the_searchs_fine_tune(compared, trained_resnet20, digits):
+    """Same final fine-tune for every agent: a policy's row equals building it again with the same steps."""
+    from autoprune.evaluator import Evaluator
+    from autoprune.study import best_policy
+
+    d, storage, setup, rows = compared
+    st = optuna.load_study(study_name=rows[0].study, storage=storage)
+    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0)
+    model = ev.build(best_policy(st), 5)
+    assert ev.measure(model, "test", 5).accuracy == rows[0].test_accuracy
+
+
+def test_a_second_comparison_resumes_the_studies(compared):
+    d, storage, setup, rows = compared
+    again = run_compare(setup, [parse_budget("flops", "50%")], ["uniform", "random"], trials=3, final_steps=5,
+                        storage=storage, device="cpu", log=lambda m: None, evaluator_settings={"bn_batches": 2})
+    assert [r.evaluations for r in again] == [r.evaluations for r in rows]
+    assert [r.test_accuracy for r in again] == [r.test_accuracy for r in rows]
+
+
+def test_tables_are_written_as_markdown_and_csv(compared, tmp_path):
+    rows = compared[3] + [Row("amc", "s", 4, 1.0, False)]
+    md, path = write_tables(rows, tmp_path, "title")
+    text = md.read_text()
+    assert text.startswith("title") and text.count("\n| ") == 4 and "| amc |" in text and "—" in text
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(COLUMNS)
+    assert float(table[0]["test_accuracy"]) == rows[0].test_accuracy
+    assert table[2]["test_accuracy"] == "" and table[2]["feasible"] == "False"
+    assert markdown(rows).count("\n") == len(rows) + 2
+
+
+def test_agent_lists_are_checked():
+    assert parse_agents(" uniform, random ") == ["uniform", "random"]
+    for bad, message in [("", "at least one"), ("uniform,nope", "unknown agent"), ("random,random", "twice")]:
+        with pytest.raises(InputError, match=message):
+            parse_agents(bad)
+
+
+def test_cli_writes_the_table(tmp_path, capsys):
+    code = main(["compare", "--agents", "uniform", "--budget-flops", "60%", "--pretrain-steps", "0", "--trials", "2",
+                 "--final-steps", "2", "--storage", f"sqlite:///{tmp_path}/c.db", "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| uniform |" in out
+    assert (tmp_path / "out" / "compare.csv").is_file() and (tmp_path / "out" / "compare.md").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--agents", "uniform,nope", "--budget-flops", "50%"], "unknown agent"),
+    (["compare", "--agents", "uniform"], "at least one budget"),
+    (["compare", "--agents", "uniform", "--budget-flops", "50%", "--random-spread", "0.5"], "not in --agents"),
+])
+def test_bad_compare_input_is_one_line(argv, message, capsys, tmp_path):
+    code = main([*argv, "--pretrain-steps", "0", "--storage", f"sqlite:///{tmp_path}/c.db", "-o", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
