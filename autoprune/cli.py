@@ -75,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s.add_argument("--criterion", default="l1",
                    help=f"which channels a ratio removes: {', '.join(CRITERIA)} (see `autoprune criteria`; "
-                   "default l1)")
+                   "default l1); unstructured and N:M take l1, l2 (both |w| per weight) or random")
     s.add_argument("--criterion-batches", type=int, default=8,
                    help="training batches that taylor, hessian, apoz and entropy read (default 8)")
-    s.add_argument("--granularity", default="channel", help="channel (default)")
+    s.add_argument("--granularity", default="channel",
+                   help="channel (default: channels removed), unstructured (weight masks) or N:M such as 2:4 "
+                   "(N of every M weights along the input dimension)")
     s.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (glob) whose groups stay whole; repeatable")
     s.add_argument("--trials", type=int, help="candidates to evaluate (default: the agent's)")
@@ -195,16 +197,15 @@ def _positive(name: str, value: int | float | None, allow_zero: bool = True) -> 
 def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.agents import get_agent
     from autoprune.pruning import get_criterion
-    from autoprune.runner import prepare, run_search
+    from autoprune.runner import check_granularity, prepare, run_search
 
     console = _console()
     budgets = _budgets(args)  # refuse bad input before any heavy work
     if not budgets:
         raise InputError("give at least one budget: --budget-flops, --budget-params or --budget-latency")
-    get_agent(args.agent)
-    get_criterion(args.criterion)
-    if args.granularity != "channel":
-        raise InputError(f"--granularity {args.granularity!r} is not supported yet; use channel")
+    granularity = check_granularity(args.granularity, args.criterion, get_agent(args.agent))
+    if granularity == "channel":
+        get_criterion(args.criterion)
     _positive("--trials", args.trials, allow_zero=False)
     _positive("--timeout", args.timeout, allow_zero=False)
     _positive("--finetune-steps", args.finetune_steps)
@@ -225,7 +226,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         outcome = run_search(
             setup, budgets, agent=args.agent, agent_options=options, storage=storage, study=args.study,
             trials=args.trials, timeout=args.timeout, finetune_steps=args.finetune_steps, seed=args.seed,
-            device=args.device, criterion=args.criterion, ignore=args.ignore, max_ratio=args.max_ratio,
+            device=args.device, criterion=args.criterion, granularity=granularity, ignore=args.ignore,
+            max_ratio=args.max_ratio,
             evaluator_settings={"distill": args.distill, "latency_batch": args.latency_batch,
                                 "criterion_batches": args.criterion_batches},
             reporter=reporter, output=args.output,
@@ -269,13 +271,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, finetune_steps=args.finetune_steps, device=args.device,
         log=lambda m: print(m, file=sys.stderr),
     )
+    from autoprune.pruning.masks import sync_masked_weights
+
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.cpu(), out)
+    torch.save(sync_masked_weights(model.cpu()), out)  # a masked weight is a plain attribute .cpu() skips
     base = evaluator.space.base_flops
-    print(f"pruned model: FLOPs {format_amount('flops', result.flops)} ({result.flops / base:.1%} of "
-          f"{format_amount('flops', base)}), params {format_amount('params', result.params)}, "
+    effective = " effective" if result.flops_dense is not None else ""
+    print(f"pruned model: FLOPs{effective} {format_amount('flops', result.flops)} ({result.flops / base:.1%} of "
+          f"{format_amount('flops', base)}), params{effective} {format_amount('params', result.params)}, "
           f"validation accuracy {result.accuracy:.2%} after {result.finetune_steps} fine-tune steps")
+    if result.flops_dense is not None:
+        print(f"{policy.granularity} masks: dense FLOPs {format_amount('flops', result.flops_dense)}, dense params "
+              f"{format_amount('params', result.params_dense)} (kept in weight_orig and weight_mask; "
+              "dense kernels run at the dense cost)")
     recorded = policy.metrics
     if recorded.get("flops") is not None:
         print(f"recorded in the study: FLOPs {format_amount('flops', recorded['flops'])}, "

@@ -5,6 +5,10 @@ sample, the convention of AMC, NetAdapt and most pruning papers ("FLOPs" there m
 norm, activations, pooling and additions are not counted. Every FLOPs figure autoprune prints, stores
 or compares uses this one definition; :class:`autoprune.space.Space` predicts the same number
 analytically, and the tests check that prediction against this counter on pruned models.
+
+A model pruned with weight masks (the unstructured and N:M granularities, ``torch.nn.utils.prune``)
+keeps its dense shapes, so its plain count is the *dense* figure; ``effective=True`` counts only the
+weights the masks keep (a layer's MACs scaled by its density; a layer without a mask counts whole).
 """
 
 from __future__ import annotations
@@ -16,13 +20,25 @@ import torch
 from torch import nn
 
 
+def kept_weights(module: nn.Module, name: str = "weight") -> int:
+    """Weights of ``module.<name>`` that its pruning mask keeps (all of them when it has no mask)."""
+    mask = getattr(module, name + "_mask", None)
+    if isinstance(mask, torch.Tensor):
+        return int(torch.count_nonzero(mask))
+    return getattr(module, name).numel()
+
+
 @torch.no_grad()
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
-    """MACs of every ``Conv*d`` and ``Linear`` call for one sample of ``example_input``'s shape."""
+def count_flops(model: nn.Module, example_input: torch.Tensor, *, effective: bool = False) -> int:
+    """MACs of every ``Conv*d`` and ``Linear`` call for one sample of ``example_input``'s shape;
+    with ``effective`` only those of the weights pruning masks keep."""
     total = 0
 
     def conv_hook(m: nn.modules.conv._ConvNd, inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
+        if effective:  # MACs = output positions x weights, so the kept weights scale them exactly
+            total += (out.numel() // out.shape[0] // m.out_channels) * kept_weights(m)
+            return
         kernel = 1
         for k in m.kernel_size:
             kernel *= k
@@ -30,6 +46,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
 
     def linear_hook(m: nn.Linear, inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
+        if effective:
+            total += (out.numel() // out.shape[0] // m.out_features) * kept_weights(m)
+            return
         total += (out.numel() // out.shape[0]) * m.in_features
 
     handles = []
@@ -49,9 +68,21 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(total)
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or not); buffers such as BN running stats are not counted."""
-    return int(sum(p.numel() for p in model.parameters()))
+def count_params(model: nn.Module, *, effective: bool = False) -> int:
+    """Number of parameters (trainable or not); buffers such as BN running stats are not counted.
+    With ``effective``, a masked parameter (``<name>_orig`` beside a ``<name>_mask``) counts only the
+    entries its mask keeps."""
+    if not effective:
+        return int(sum(p.numel() for p in model.parameters()))
+    total, seen = 0, set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a parameter shared between modules counts once, as model.parameters() does
+                continue
+            seen.add(id(p))
+            base = name[: -len("_orig")] if name.endswith("_orig") else None
+            total += kept_weights(module, base) if base and hasattr(module, base + "_mask") else p.numel()
+    return int(total)
 
 
 def _sync(device: torch.device) -> None:

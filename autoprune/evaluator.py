@@ -7,6 +7,11 @@ optionally fine-tunes it for a number of steps (with knowledge distillation from
 if asked), and scores it on the held-out validation split; FLOPs and params are measured on the pruned
 model itself, which is what feasibility is decided on. Results are cached by policy.
 
+The policy's granularity picks the pruner: channel removal (:class:`~autoprune.pruning.ChannelPruner`)
+or weight masks for ``unstructured`` and ``N:M`` (:class:`~autoprune.pruning.MaskPruner`). For masked
+models ``flops`` and ``params`` are the *effective* figures (only the weights the masks keep), which
+budgets are judged on; ``flops_dense`` and ``params_dense`` keep the dense ones (the shapes, unchanged).
+
 All data lives on the evaluator's device as tensors and is batched and augmented there; every
 candidate sees the same batches for a given seed, so candidates are compared on equal terms and a
 recorded result can be reproduced exactly (``autoprune apply`` does).
@@ -26,8 +31,9 @@ from autoprune.budget import Budget, all_hold
 from autoprune.cost import count_flops, count_params, measure_latency
 from autoprune.data import DatasetSplits
 from autoprune.errors import CandidateError
-from autoprune.policy import Policy
-from autoprune.pruning import ChannelPruner
+from autoprune.policy import Policy, parse_granularity, snap_ratio
+from autoprune.pruning import ChannelPruner, MaskPruner
+from autoprune.pruning.masks import check_criterion, is_masked
 from autoprune.space import Space
 from autoprune.training import recalibrate_bn, score, train_steps
 
@@ -55,6 +61,8 @@ class Evaluation:
     seconds: float
     finetune_steps: int
     split: str = "val"
+    flops_dense: int | None = None  # masked granularities: the dense figures (flops/params are effective)
+    params_dense: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +83,9 @@ class Evaluator:
     data: the dataset splits (train for BN recalibration and fine-tuning, val for search scores,
         test for final reports).
     device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    criterion: default channel criterion for policies that do not name one (``l1``).
+    criterion: default criterion for policies that do not name one (``l1``).
+    granularity: default granularity of the policies it makes: ``channel``, ``unstructured`` or
+        ``N:M`` such as ``2:4`` (see :mod:`autoprune.pruning.masks`).
     criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
         (taylor, hessian, apoz, entropy) gather their statistics on, once per base model.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
@@ -100,6 +110,7 @@ class Evaluator:
         *,
         device: str | torch.device = "auto",
         criterion: str = "l1",
+        granularity: str = "channel",
         criterion_batches: int = 8,
         ignore: Iterable[str] = (),
         batch_size: int = 128,
@@ -119,6 +130,9 @@ class Evaluator:
         self.data = data
         self.model = model.to(self.device).eval()
         self.criterion = criterion
+        self.granularity = parse_granularity(granularity)
+        if self.granularity != "channel":
+            check_criterion(self.granularity, criterion)
         self.criterion_batches = criterion_batches
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -140,6 +154,7 @@ class Evaluator:
         )
         self.space = Space.from_model(self.model, self.example_input, ignore=ignore)
         self.pruner = ChannelPruner(self.space, calibration=self.calibration, seed=seed)
+        self._mask_pruner: MaskPruner | None = None
         self.model_info = dict(model_info or {})
         self.model_info.setdefault("groups", len(self.space.names))
         self._cache: dict[tuple, Evaluation] = {}
@@ -168,9 +183,22 @@ class Evaluator:
         return self._baseline[split]
 
     # -- policies -----------------------------------------------------------------------------
+    @property
+    def mask_pruner(self) -> MaskPruner:
+        """The pruner of the masked granularities (made on first use)."""
+        if self._mask_pruner is None:
+            self._mask_pruner = MaskPruner(self.space, seed=self.seed)
+        return self._mask_pruner
+
+    def pruner_for(self, granularity: str) -> ChannelPruner | MaskPruner:
+        return self.pruner if granularity == "channel" else self.mask_pruner
+
     def policy(self, ratios: Mapping[str, float], **kw: Any) -> Policy:
-        """A policy for this model: missing groups get 0, the criterion defaults to the evaluator's."""
-        full = {n: float(ratios.get(n, 0.0)) for n in self.space.names}
+        """A policy for this model: missing groups get 0, the criterion and granularity default to the
+        evaluator's; N:M ratios snap to the nearer of 0 and 1 - N/M (:func:`~autoprune.policy.snap_ratio`)."""
+        kw.setdefault("granularity", self.granularity)
+        granularity = parse_granularity(kw["granularity"])
+        full = {n: snap_ratio(granularity, float(ratios.get(n, 0.0))) for n in self.space.names}
         self.space.check_names(ratios)
         kw.setdefault("criterion", self.criterion)
         kw.setdefault("model", dict(self.model_info))
@@ -180,12 +208,17 @@ class Evaluator:
         return self.policy(dict.fromkeys(self.space.names, ratio), **kw)
 
     def cost(self, policy: Policy | Mapping[str, float], latency: bool | None = None) -> dict[str, float]:
-        """Predicted FLOPs and params (exact for conv/linear/norm layers); latency measured if asked."""
+        """Predicted FLOPs and params (exact for conv/linear/norm layers); latency measured if asked.
+
+        Plain ratios are read in the evaluator's granularity. Masked granularities give the effective
+        ``flops`` and ``params`` (N:M ratios snapped) and the dense ``flops_dense`` / ``params_dense``.
+        """
         ratios = policy.ratios if isinstance(policy, Policy) else policy
-        out = self.space.cost(ratios)
+        granularity = policy.granularity if isinstance(policy, Policy) else self.granularity
+        out = self.space.cost(ratios) if granularity == "channel" else self.mask_pruner.cost(ratios, granularity)
         if self.latency if latency is None else latency:
             pol = policy if isinstance(policy, Policy) else self.policy(ratios)
-            out["latency"] = self._latency(self.pruner.prune(pol))
+            out["latency"] = self._latency(self.pruner_for(pol.granularity).prune(pol))
         return out
 
     def feasible(self, budgets: Iterable[Budget], resources: Mapping[str, float]) -> bool:
@@ -194,7 +227,7 @@ class Evaluator:
     # -- evaluation ---------------------------------------------------------------------------
     def build(self, policy: Policy, finetune_steps: int = 0) -> nn.Module:
         """The pruned, BN-recalibrated and fine-tuned model for ``policy`` (deterministic per seed)."""
-        model = self.pruner.prune(policy)
+        model = self.pruner_for(policy.granularity).prune(policy)
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         plain = self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
                                  drop_last=True)
@@ -226,19 +259,27 @@ class Evaluator:
 
     def measure(self, model: nn.Module, split: str = "val", finetune_steps: int = 0,
                 t0: float | None = None) -> Evaluation:
-        """Score an already pruned model and measure its resources."""
+        """Score an already pruned model and measure its resources (effective and dense ones for a
+        masked model)."""
         t0 = time.perf_counter() if t0 is None else t0
         acc, loss = score(model, self._loader(split), self.amp)
         lat = self._latency(model) if self.latency else None
+        flops, params = count_flops(model, self.example_input), count_params(model)
+        dense: dict[str, int] = {}
+        if is_masked(model):
+            dense = {"flops_dense": flops, "params_dense": params}
+            flops = count_flops(model, self.example_input, effective=True)
+            params = count_params(model, effective=True)
         return Evaluation(
             accuracy=acc,
             loss=loss,
-            flops=count_flops(model, self.example_input),
-            params=count_params(model),
+            flops=flops,
+            params=params,
             latency=lat,
             seconds=time.perf_counter() - t0,
             finetune_steps=int(finetune_steps),
             split=split,
+            **dense,
         )
 
     def remember(self, policy: Policy, finetune_steps: int, result: Evaluation) -> None:

@@ -12,6 +12,12 @@ JSON form (schema ``autoprune.policy/1``)::
 A ratio is the fraction of channels *removed* from a group (0 keeps the group whole). Names are the
 module paths of each group's leading layer, as listed by :class:`autoprune.space.Space`.
 
+The granularity says how a ratio is realised (:mod:`autoprune.pruning.masks` for the masked ones):
+``"channel"`` removes channels physically; ``"unstructured"`` masks that fraction of the weights,
+smallest magnitudes first, in every layer producing the group's channels; ``"N:M"`` (``"2:4"``, any
+``0 < N < M``) keeps the N largest of every M consecutive weights along the input dimension of those
+layers, so its only ratios are 0 (dense) and ``1 - N/M``.
+
 Which channels a ratio removes is normally decided by the criterion, on the base model's weights. A
 policy may instead name them: the optional ``"keep"`` object maps a group to the sorted indices (into
 the unpruned group) of the channels it keeps, as agents that learn per-channel importances do
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +38,43 @@ from typing import Any
 from autoprune.errors import InputError
 
 SCHEMA = "autoprune.policy/1"
-GRANULARITIES = ("channel",)
+GRANULARITIES = ("channel", "unstructured", "N:M")  # "N:M" stands for any "n:m" with 0 < n < m, e.g. "2:4"
+_NM = re.compile(r"(\d+):(\d+)")
+
+
+def parse_granularity(granularity: Any) -> str:
+    """The canonical spelling of a granularity (``"channel"``, ``"unstructured"`` or ``"n:m"``);
+    :class:`InputError` naming the accepted forms otherwise."""
+    if isinstance(granularity, str):
+        text = granularity.strip()
+        if text in ("channel", "unstructured"):
+            return text
+        match = _NM.fullmatch(text)
+        if match:
+            n, m = int(match[1]), int(match[2])
+            if 0 < n < m:
+                return f"{n}:{m}"
+            raise InputError(f"granularity {granularity!r}: N:M keeps N of every M weights and needs 0 < N < M "
+                             "(e.g. 2:4)")
+    raise InputError(f"unknown granularity {granularity!r}; choose channel, unstructured or N:M with "
+                     "0 < N < M (e.g. 2:4)")
+
+
+def nm_pattern(granularity: str) -> tuple[int, int] | None:
+    """(N, M) of an N:M granularity such as ``"2:4"``; None for channel and unstructured."""
+    match = _NM.fullmatch(granularity)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def snap_ratio(granularity: str, ratio: float) -> float:
+    """The ratio ``granularity`` can realise nearest to ``ratio``. N:M has two: 0 (dense) and
+    ``1 - N/M``; a ratio of at least half of ``1 - N/M`` snaps to it, a smaller one to 0. Channel and
+    unstructured ratios are returned unchanged."""
+    nm = nm_pattern(granularity)
+    if nm is None:
+        return float(ratio)
+    sparse = 1.0 - nm[0] / nm[1]
+    return sparse if ratio >= sparse / 2 else 0.0
 
 
 @dataclass
@@ -47,10 +90,21 @@ class Policy:
     keep: dict[str, list[int]] | None = None  # explicit kept channel indices per group (see module doc)
 
     def __post_init__(self) -> None:
+        self.granularity = parse_granularity(self.granularity)
         self.ratios = {str(k): float(v) for k, v in self.ratios.items()}
         for name, r in self.ratios.items():
             if not (math.isfinite(r) and 0.0 <= r < 1.0):
                 raise InputError(f"policy ratio for {name!r} is {r}; a ratio removed must be in [0, 1)")
+        nm = nm_pattern(self.granularity)
+        if nm is not None:
+            sparse = 1.0 - nm[0] / nm[1]
+            for name, r in self.ratios.items():
+                if not (abs(r) < 1e-9 or abs(r - sparse) < 1e-9):
+                    raise InputError(f"policy ratio for {name!r} is {r}; a {self.granularity} policy allows only "
+                                     f"0 (dense) or {sparse:g} ({self.granularity})")
+            self.ratios = {k: (sparse if r > 0 else 0.0) for k, r in self.ratios.items()}
+        if self.keep is not None and self.granularity != "channel":
+            raise InputError(f"policy 'keep' names channels, which a {self.granularity} policy does not remove")
         if self.keep is not None:
             self.keep = {str(k): sorted(int(i) for i in v) for k, v in self.keep.items()}
             for name, idxs in self.keep.items():
@@ -114,11 +168,7 @@ class Policy:
         for name, r in ratios.items():
             if isinstance(r, bool) or not isinstance(r, (int, float)):
                 raise InputError(f"{source}: ratio for {name!r} is {r!r}, not a number")
-        granularity = data.get("granularity", "channel")
-        if granularity not in GRANULARITIES:
-            raise InputError(
-                f"{source}: unknown granularity {granularity!r}; supported: {', '.join(GRANULARITIES)}"
-            )
+        granularity = data.get("granularity", "channel")  # validated with the ratios, in __post_init__
         for key in ("model", "metrics", "search"):
             if not isinstance(data.get(key, {}), Mapping):
                 raise InputError(f"{source}: {key!r} must be a JSON object")

@@ -77,10 +77,18 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
     table.add_row("val accuracy", pct(base_val.accuracy), pct(best.accuracy), "")
     if base_test is not None and best_test is not None:
         table.add_row("test accuracy", pct(base_test.accuracy), pct(best_test.accuracy), "")
-    table.add_row("FLOPs (MACs)", format_amount("flops", base_val.flops), format_amount("flops", best.flops),
-                  _ratio(best.flops, base_val.flops))
-    table.add_row("params", format_amount("params", base_val.params), format_amount("params", best.params),
-                  _ratio(best.params, base_val.params))
+    masked = best.flops_dense is not None  # weight masks: effective figures, and the dense shapes beside
+    effective = ", effective" if masked else ""
+    table.add_row(f"FLOPs (MACs){effective}", format_amount("flops", base_val.flops),
+                  format_amount("flops", best.flops), _ratio(best.flops, base_val.flops))
+    if masked:
+        table.add_row("FLOPs (MACs), dense", format_amount("flops", base_val.flops),
+                      format_amount("flops", best.flops_dense), _ratio(best.flops_dense, base_val.flops))
+    table.add_row(f"params{effective}", format_amount("params", base_val.params),
+                  format_amount("params", best.params), _ratio(best.params, base_val.params))
+    if masked:
+        table.add_row("params, dense", format_amount("params", base_val.params),
+                      format_amount("params", best.params_dense), _ratio(best.params_dense, base_val.params))
     b_lat = base_test.latency if base_test is not None else base_val.latency
     p_lat = best_test.latency if best_test is not None else best.latency
     if b_lat is not None and p_lat is not None:
@@ -88,6 +96,15 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
                       _ratio(p_lat, b_lat))
     table.add_row("fine-tune steps", "-", str(best.finetune_steps), "")
     console.print(table)
+    settings = st.user_attrs.get("settings", {})
+    if masked:
+        granularity = settings.get("granularity", "masked")
+        console.print(f"{granularity} masks: budgets are judged on the effective figures; dense kernels run at "
+                      "the dense cost, so latency does not fall with masks")
+        dense = settings.get("dense_layers") or []
+        if dense:
+            console.print(f"{granularity} leaves {len(dense)} layer(s) dense (input dimension not a multiple of "
+                          f"M, depthwise convs among them): {', '.join(dense[:6])}{' ...' if len(dense) > 6 else ''}")
 
 
 # -- the study report: PNG plots and one HTML page ------------------------------------------------

@@ -19,7 +19,7 @@ from autoprune.data import DatasetSplits, load_dataset
 from autoprune.errors import InputError
 from autoprune.evaluator import Evaluation, Evaluator, resolve_device
 from autoprune.models import build_model, load_checkpoint
-from autoprune.policy import Policy
+from autoprune.policy import Policy, parse_granularity
 from autoprune.pretrain import load_or_train
 from autoprune.study import (
     DEFAULT_STORAGE,
@@ -96,10 +96,24 @@ def prepare(
     return Setup(net.to(device).eval(), data, info)
 
 
-def make_evaluator(setup: Setup, *, device: str = "auto", criterion: str = "l1", ignore=(),
-                   **settings: Any) -> Evaluator:
-    return Evaluator(setup.model, setup.data, device=device, criterion=criterion, ignore=ignore,
-                     model_info=setup.info, **settings)
+def check_granularity(granularity: str, criterion: str, agent: type | None = None) -> str:
+    """The canonical spelling of ``granularity``, after refusing a criterion or an agent it cannot
+    work with: masked granularities take the criteria of :data:`autoprune.pruning.MASK_CRITERIA`, and
+    agents that remove channels themselves (``channel_only``) take only ``channel``."""
+    from autoprune.pruning.masks import check_criterion
+
+    granularity = parse_granularity(granularity)
+    if granularity != "channel":
+        check_criterion(granularity, criterion)
+        if agent is not None and agent.channel_only:
+            raise InputError(f"agent {agent.name!r} removes channels itself and supports only --granularity channel")
+    return granularity
+
+
+def make_evaluator(setup: Setup, *, device: str = "auto", criterion: str = "l1", granularity: str = "channel",
+                   ignore=(), **settings: Any) -> Evaluator:
+    return Evaluator(setup.model, setup.data, device=device, criterion=criterion, granularity=granularity,
+                     ignore=ignore, model_info=setup.info, **settings)
 
 
 @dataclass
@@ -130,6 +144,7 @@ def run_search(
     seed: int = 0,
     device: str = "auto",
     criterion: str = "l1",
+    granularity: str = "channel",
     ignore=(),
     max_ratio: float = 0.9,
     evaluator_settings: Mapping[str, Any] | None = None,
@@ -137,15 +152,22 @@ def run_search(
     output: str | Path | None = None,
     final: bool = True,
 ) -> SearchOutcome:
-    """Search with ``agent`` under ``budgets``, record every candidate, export the best policy."""
+    """Search with ``agent`` under ``budgets``, record every candidate, export the best policy.
+
+    ``granularity`` is ``channel``, ``unstructured`` or ``N:M`` (e.g. ``2:4``); a masked granularity's
+    study is named with a suffix (``-unstructured``, ``-2of4``) so that it does not resume a channel one.
+    """
     if not budgets:
         raise InputError("give at least one budget: --budget-flops, --budget-params or --budget-latency")
     agent_cls = get_agent(agent)
+    granularity = check_granularity(granularity, criterion, agent_cls)
     searcher = agent_cls(**dict(agent_options or {}))
     settings = dict(evaluator_settings or {})
     settings["seed"] = seed
-    evaluator = make_evaluator(setup, device=device, criterion=criterion, ignore=ignore, **settings)
-    name = study or study_name(setup.info["name"], setup.data.name, agent, budgets_slug(budgets))
+    evaluator = make_evaluator(setup, device=device, criterion=criterion, granularity=granularity, ignore=ignore,
+                               **settings)
+    slug = budgets_slug(budgets) + ("" if granularity == "channel" else "-" + granularity.replace(":", "of"))
+    name = study or study_name(setup.info["name"], setup.data.name, agent, slug)
     st = open_study(name, storage, directions=agent_cls.directions)
     if len(st.directions) != len(agent_cls.directions):
         raise InputError(
@@ -165,12 +187,15 @@ def run_search(
         "budget_args": {b.resource: b.text for b in budgets},
         "finetune_steps": finetune_steps,
         "criterion": criterion,
+        "granularity": granularity,
         "ignore": list(ignore),
         "max_ratio": max_ratio,
         "device": str(evaluator.device),
         "agent_options": searcher.settings(),
         **{k: getattr(evaluator, k) for k in EVALUATOR_SETTINGS},
     }
+    if granularity != "channel":  # N:M leaves these dense (input dimension not a multiple of M)
+        record_settings["dense_layers"] = evaluator.mask_pruner.dense_layers(granularity)
     baseline_val = evaluator.baseline("val")
     set_study_info(
         st,
@@ -228,6 +253,11 @@ def _check_same_model(st, setup: Setup, evaluator: Evaluator) -> None:
             f"{recorded.get('dataset')}); choose another --study name"
         )
     before = st.user_attrs.get("settings", {})
+    if before.get("granularity", "channel") != evaluator.granularity:
+        raise InputError(
+            f"study {st.study_name!r} holds trials of --granularity {before.get('granularity', 'channel')}, not "
+            f"{evaluator.granularity}; choose another --study name"
+        )
     if before.get("budget_args", {}).get("latency") and evaluator.latency_batch != before.get("latency_batch", 1):
         raise InputError(
             f"study {st.study_name!r} timed latency at batch {before.get('latency_batch', 1)}, not "
@@ -270,7 +300,7 @@ def apply_policy(
                     pretrain_steps=pretrain if checkpoint is None else None, device=device, log=log)
     search = policy.search
     settings = {k: search[k] for k in EVALUATOR_SETTINGS if k in search}
-    evaluator = make_evaluator(setup, device=device, criterion=policy.criterion,
+    evaluator = make_evaluator(setup, device=device, criterion=policy.criterion, granularity=policy.granularity,
                                ignore=search.get("ignore", ()), **settings)
     policy.check_names(evaluator.space.names, model_desc=f"{model} on {setup.data.name}")
     steps = finetune_steps if finetune_steps is not None else int(search.get("finetune_steps", 0))
@@ -313,6 +343,7 @@ def run_worker(
                     checkpoint=None if pretrain else ckpt, pretrain_steps=pretrain, device=device, log=log)
     budgets = [parse_budget(r, t) for r, t in settings["budget_args"].items()]
     evaluator = make_evaluator(setup, device=device, criterion=settings.get("criterion", "l1"),
+                               granularity=settings.get("granularity", "channel"),
                                ignore=settings.get("ignore", ()),
                                **{k: settings[k] for k in EVALUATOR_SETTINGS if k in settings})
     # a seed of its own per worker process, so that workers do not draw the same candidates

@@ -5,8 +5,10 @@ Every evaluated candidate is one trial. Its params are the per-group ratios (Flo
 objectives add theirs); its user attributes carry what a person inspecting the study in
 optuna-dashboard wants to see: ``agent``, ``accuracy``, ``loss``, ``flops``, ``params``, ``latency``,
 ``flops_ratio`` / ``params_ratio`` / ``latency_ratio`` (fractions kept), ``feasible``,
-``finetune_steps``, ``seconds`` and ``policy`` (the policy JSON). Constraint values (<= 0 when a
-budget holds) go where Optuna's constrained samplers and the dashboard look for them.
+``finetune_steps``, ``seconds`` and ``policy`` (the policy JSON); for masked granularities ``flops``
+and ``params`` are the effective figures and ``flops_dense`` / ``params_dense`` the dense ones.
+Constraint values (<= 0 when a budget holds) go where Optuna's constrained samplers and the dashboard
+look for them.
 
 The study's own user attributes hold the unpruned model's figures and the search settings, so that
 ``export`` needs nothing but the storage.
@@ -103,6 +105,9 @@ def trial_attrs(policy: Policy, result: Evaluation, *, agent: str, feasible: boo
     }
     if result.latency is not None and base.get("latency"):
         attrs["latency_ratio"] = result.latency / base["latency"]
+    if result.flops_dense is not None:  # a masked granularity: flops/params above are the effective ones
+        attrs["flops_dense"] = result.flops_dense
+        attrs["params_dense"] = result.params_dense
     return attrs
 
 
@@ -207,6 +212,7 @@ def evaluation_of(trial: FrozenTrial) -> Evaluation:
         accuracy=a["accuracy"], loss=a["loss"] if a.get("loss") is not None else float("nan"),
         flops=a["flops"], params=a["params"], latency=a.get("latency"), seconds=a["seconds"],
         finetune_steps=a["finetune_steps"], split=a.get("split", "val"),
+        flops_dense=a.get("flops_dense"), params_dense=a.get("params_dense"),
     )
 
 
@@ -227,6 +233,7 @@ def best_policy(study: optuna.Study) -> Policy:
         "latency": a.get("latency"),
         "flops_ratio": a["flops_ratio"],
         "params_ratio": a["params_ratio"],
+        **{k: a[k] for k in ("flops_dense", "params_dense") if k in a},
         "base": info.get("base", {}),
         **{k: v for k, v in a.items() if k.startswith("final_")},
     }

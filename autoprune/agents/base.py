@@ -147,7 +147,8 @@ class SearchContext:
 
     def project(self, ratios: Mapping[str, float], tol: float = 1e-4) -> dict[str, float]:
         """Shift every ratio by one common amount (clipped to [0, max_ratio]) so that the budgets
-        hold as tightly as the channel granularity allows: the least pruning that still fits.
+        hold as tightly as the granularity allows: the least pruning that still fits (the cost is
+        the evaluator's, in its granularity's arithmetic: N:M ratios snapped, masks counted effective).
 
         Raises :class:`InputError` when even ``max_ratio`` everywhere cannot meet the budgets.
         """
@@ -157,8 +158,14 @@ class SearchContext:
         return fitted
 
     def unreachable(self) -> None:
-        most = dict.fromkeys(self.evaluator.space.names, self.max_ratio)
+        ev = self.evaluator
+        most = dict.fromkeys(ev.space.names, self.max_ratio)
         cost = self.cost(most)
+        if ev.granularity == "channel":
+            how = f"removing {self.max_ratio:.0%} of every prunable group"
+        else:
+            top = max(ev.policy(most).ratios.values(), default=0.0)
+            how = f"{ev.granularity} masks at {top:.0%} sparsity in every prunable group's layers"
         parts = [
             f"{b.resource} {format_amount(b.resource, cost[b.resource])} "
             f"({cost[b.resource] / self.base[b.resource]:.1%}) > {b}"
@@ -169,7 +176,7 @@ class SearchContext:
             hint += (f"; latency is timed at batch {self.evaluator.latency_batch}, where per-layer overhead that "
                      "pruning cannot remove may dominate: a larger --latency-batch times compute-bound passes")
         raise InputError(
-            f"budget cannot be met: removing {self.max_ratio:.0%} of every prunable group still leaves "
+            f"budget cannot be met: {how} still leaves "
             + "; ".join(parts) + f" ({hint})"
         )
 
@@ -305,6 +312,8 @@ class Agent(abc.ABC):
     # the study's objectives: the first is always the validation accuracy; agents recording more
     # values per trial (``ctx.evaluate(..., values=...)``) declare their directions here
     directions: ClassVar[tuple[str, ...]] = ("maximize",)
+    # True when the agent builds channel-pruned models itself, so that only --granularity channel applies
+    channel_only: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))

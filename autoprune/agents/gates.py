@@ -151,6 +151,7 @@ class GatesAgent(Agent):
     name = "gates"
     description = "Pruning from Scratch: gates learned on frozen random weights, thresholded to the budget"
     default_trials = 10
+    channel_only = True  # the gates rank channels, and the structure keeps whole channels
     options = {
         "lambda": Option(_floats, 0.5, "weight of the sparsity regulariser (comma-separated: one run each)"),
         "r": Option(_floats, 0.2, "target mean gate r (comma-separated: one run each)"),

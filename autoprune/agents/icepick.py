@@ -61,6 +61,7 @@ class IcePickAgent(Agent):
     # workers share the recorded study: each one's TPE takes in the others' finished runs before asking
     parallel = True
     directions = ("maximize", "minimize")  # validation accuracy, pruning seconds
+    channel_only = True  # ICE-Pick removes channels itself, stage by stage
     options = {
         "policy": Option(str, None, "target policy JSON, e.g. another agent's export (default: uniform at the budget)"),
         "max_steps": Option(int, 40, "most SGD steps of one fine-tune the search may choose"),

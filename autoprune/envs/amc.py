@@ -172,7 +172,7 @@ class AMCEnv(gym.Env):
     def _fits(self, ratios: Mapping[str, float]) -> bool:
         if self._latency:  # measuring latency prunes a model: skip it when the analytic budgets fail
             analytic = [b for b in self.budgets if b.resource != "latency"]
-            if analytic and not self.evaluator.feasible(analytic, self.evaluator.space.cost(ratios)):
+            if analytic and not self.evaluator.feasible(analytic, self.evaluator.cost(ratios, latency=False)):
                 return False
         if self.context is not None:
             return self.context.fits(ratios)
