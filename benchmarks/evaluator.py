@@ -8,7 +8,7 @@ augmentation), score the validation split, count FLOPs. Run:
 
     .venv/bin/python benchmarks/evaluator.py [--steps 50] [--repeats 5] [--model resnet20]
 
-Figures are medians of ``repeats`` runs, printed as ratios of one run of this script (the machine is
+Figures are medians of ``repeats`` runs (evaluator and hand loop alternating), printed as ratios of one run of this script (the machine is
 shared and noisy: compare ratios, not seconds, across runs).
 
 ``--agents amc,netadapt`` also times whole agent runs (AMC: ``--episodes`` episodes; NetAdapt: one
@@ -88,15 +88,27 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                    help="the evaluator's bf16 autocast (auto: on CUDA); the hand loop never uses it")
     ap.add_argument("--agents", default="", help="also time these agents' runs: amc, netadapt")
     ap.add_argument("--episodes", type=int, default=10, help="AMC episodes to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     setup = prepare(args.model, "digits", device=args.device)
-    ev = make_evaluator(setup, device=args.device, bn_batches=20)
+    amp = {"auto": "auto", "on": True, "off": False}[args.amp]
+    ev = make_evaluator(setup, device=args.device, bn_batches=20, amp=amp)
     policy = ev.uniform(args.ratio)
     ev.evaluate(policy, args.steps)  # warm-up: importance scores, allocator, kernels
+
+    def timed_once(fn):
+        if ev.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if ev.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     def timed(fn):
         times = []
@@ -118,13 +130,15 @@ def main() -> None:
         model = ev.pruner.prune(policy)
         hand_loop(model, setup.data, ev.device, args.steps, ev.bn_batches, ev.batch_size, ev.finetune_lr, 0)
 
-    t_eval = timed(evaluator_once)
-    t_hand = timed(hand_once)
+    # the two sides alternate, so that load that comes and goes on a shared machine hits both alike
+    pairs = [(timed_once(evaluator_once), timed_once(hand_once)) for _ in range(args.repeats)]
+    t_eval = statistics.median(e for e, _ in pairs)
+    t_hand = statistics.median(h for _, h in pairs)
     t_prune = timed(lambda: ev.pruner.prune(policy))
     pruned = ev.pruner.prune(policy)
     t_flops = timed(lambda: ev.measure(pruned))
 
-    print(f"device {ev.device}, model {args.model} on digits, uniform ratio {args.ratio}, "
+    print(f"device {ev.device}, autocast {ev.amp}, model {args.model} on digits, uniform ratio {args.ratio}, "
           f"{args.steps} fine-tune steps, {ev.bn_batches} BN batches, median of {args.repeats}")
     print()
     print("| measure | seconds | ratio to the hand loop |")
