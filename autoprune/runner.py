@@ -40,7 +40,7 @@ PRETRAIN_SEED = 0  # the base model does not change with the search's --seed
 
 # evaluator settings a policy records, so that `apply` rebuilds exactly the recorded model
 EVALUATOR_SETTINGS = ("batch_size", "bn_batches", "finetune_lr", "distill", "latency_batch", "seed",
-                      "criterion_batches")
+                      "criterion_batches", "amp")
 
 
 @dataclass

@@ -34,7 +34,8 @@ def main() -> None:
     for name in args.criteria.split(","):
         ev = make_evaluator(setup, device="cpu", criterion=name)
         base = ev.space.base_flops
-        ratios = shift_to_fit({}, ev.space.names, lambda r: budget.holds(ev.space.flops(r), base), 0.9)
+        space = ev.space
+        ratios = shift_to_fit({}, space.names, lambda r, s=space: budget.holds(s.flops(r), s.base_flops), 0.9)
         policy = ev.policy(ratios)
         t0 = time.perf_counter()
         ev.pruner.scores(name)

@@ -8,8 +8,8 @@ augmentation), score the validation split, count FLOPs. Run:
 
     .venv/bin/python benchmarks/evaluator.py [--steps 50] [--repeats 5] [--model resnet20]
 
-Figures are medians of ``repeats`` runs (evaluator and hand loop alternating), printed as ratios of one run of this script (the machine is
-shared and noisy: compare ratios, not seconds, across runs).
+Figures are medians of ``repeats`` runs (evaluator and hand loop alternating), printed as ratios of one
+run of this script (the machine is shared and noisy: compare ratios, not seconds, across runs).
 
 ``--agents amc,netadapt`` also times whole agent runs (AMC: ``--episodes`` episodes; NetAdapt: one
 iteration, a proposal per group) against the time spent inside the evaluations they contain: the

@@ -91,3 +91,10 @@ def test_diverging_finetune_raises_candidate_error():
     batches = iter([(x, torch.zeros(8, dtype=torch.long))] * 100)
     with pytest.raises(CandidateError, match="diverged"):
         train_steps(net, batches, 100, lr=1e6)
+
+
+def test_autocast_auto_is_off_on_the_cpu_and_recorded_for_apply(trained_resnet20, digits):
+    from autoprune.runner import EVALUATOR_SETTINGS
+
+    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=1)
+    assert ev.amp is False and "amp" in EVALUATOR_SETTINGS  # apply and workers reuse the chosen value
