@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-params", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
     c.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
     c.add_argument("--latency-batch", type=int, default=1, help="samples per timed forward pass (default 1)")
-    c.add_argument("--criterion", default="l1", help="channel importance criterion (default l1)")
+    c.add_argument("--criterion", default="l1", help="which channels (or weights) a ratio removes (default l1)")
+    c.add_argument("--granularity", default="channel", help="channel (default), unstructured or N:M such as 2:4")
     c.add_argument("--trials", type=int, default=20, help="evaluations per agent (default 20)")
     c.add_argument("--pretrain-steps", type=int,
                    help="train the model this many steps first (cached; default as for search)")
@@ -347,6 +348,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise InputError("give at least one budget: --budget-flops, --budget-params or --budget-latency")
     agents = parse_agents(args.agents)
     get_criterion(args.criterion)
+    from autoprune.agents import get_agent
+    from autoprune.runner import check_granularity
+
+    for agent in agents:
+        check_granularity(args.granularity, args.criterion, get_agent(agent))
     _positive("--trials", args.trials, allow_zero=False)
     _positive("--finetune-steps", args.finetune_steps)
     _positive("--final-steps", args.final_steps)
@@ -362,6 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         setup, budgets, agents, trials=args.trials, finetune_steps=args.finetune_steps,
         final_steps=args.final_steps, storage=_storage(args), study_prefix=args.study_prefix,
         agent_options=options, seed=args.seed, device=args.device, criterion=args.criterion,
+        granularity=args.granularity,
         evaluator_settings={"latency_batch": args.latency_batch},
         reporter=lambda agent: ProgressReporter(console), log=log,
     )

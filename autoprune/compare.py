@@ -25,7 +25,7 @@ from autoprune.agents import Reporter, get_agent
 from autoprune.budget import Budget, budgets_slug, format_amount
 from autoprune.errors import InputError
 from autoprune.policy import Policy
-from autoprune.runner import Setup, make_evaluator, run_search
+from autoprune.runner import Setup, check_granularity, make_evaluator, run_search
 from autoprune.study import DEFAULT_STORAGE, load_study, study_name
 
 COLUMNS = ("agent", "test_accuracy", "val_accuracy", "flops", "flops_ratio", "params", "params_ratio",
@@ -84,6 +84,7 @@ def run_compare(
     seed: int = 0,
     device: str = "auto",
     criterion: str = "l1",
+    granularity: str = "channel",
     evaluator_settings: Mapping[str, Any] | None = None,
     reporter: Callable[[str], Reporter] | None = None,
     log: Callable[[str], None] = print,
@@ -91,21 +92,26 @@ def run_compare(
     """Search with each agent (``trials`` evaluations each; an agent that needs fewer, such as
     ``uniform``, stops sooner), then fine-tune each best feasible policy ``final_steps`` steps and
     score it on the test split, latency measured on the same device for every row."""
+    granularity = check_granularity(granularity, criterion)
+    for agent in agents:  # refused before any search runs
+        check_granularity(granularity, criterion, get_agent(agent))
     options = {a: dict(o) for a, o in (agent_options or {}).items()}
     unknown = sorted(set(options) - set(agents))
     if unknown:
         raise InputError(f"options for agent {unknown[0]!r}, which is not in --agents")
     rows = []
     settings = {**dict(evaluator_settings or {}), "seed": seed}
-    judge = make_evaluator(setup, device=device, criterion=criterion, **settings)
+    judge = make_evaluator(setup, device=device, criterion=criterion, granularity=granularity, **settings)
     base = judge.space
     for agent in agents:
+        slug = budgets_slug(budgets) + ("" if granularity == "channel" else "-" + granularity.replace(":", "of"))
         name = (f"{study_prefix}-{agent}" if study_prefix
-                else study_name(setup.info["name"], setup.data.name, agent, budgets_slug(budgets)))
+                else study_name(setup.info["name"], setup.data.name, agent, slug))
         log(f"{agent}: searching ({trials} evaluations at most, study {name})")
         outcome = run_search(
             setup, budgets, agent=agent, agent_options=options.get(agent), storage=storage, study=name,
             trials=trials, finetune_steps=finetune_steps, seed=seed, device=device, criterion=criterion,
+            granularity=granularity,
             evaluator_settings=evaluator_settings, reporter=reporter(agent) if reporter else None, final=False,
         )
         st = outcome.study

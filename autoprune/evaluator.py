@@ -325,5 +325,8 @@ class Evaluator:
         return self.data.loader(split, self.eval_batch_size, self.device)
 
     def _latency(self, model: nn.Module) -> float:
-        return measure_latency(model, self.example_input, repeats=self.latency_repeats,
-                               batch_size=self.latency_batch)
+        # the least of three medians, the rounds apart: load elsewhere on the machine only ever adds time,
+        # so a burst of it spoils one round, not the figure a budget is judged on
+        per_round = max(1, self.latency_repeats // 3)
+        return min(measure_latency(model, self.example_input, warmup=5 if r == 0 else 1, repeats=per_round,
+                                   batch_size=self.latency_batch) for r in range(3))

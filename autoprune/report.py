@@ -92,7 +92,8 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
     b_lat = base_test.latency if base_test is not None else base_val.latency
     p_lat = best_test.latency if best_test is not None else best.latency
     if b_lat is not None and p_lat is not None:
-        table.add_row("latency (batch 1)", format_amount("latency", b_lat), format_amount("latency", p_lat),
+        batch = (outcome.policy.search.get("latency_batch", 1) if outcome.policy is not None else 1) or 1
+        table.add_row(f"latency (batch {batch})", format_amount("latency", b_lat), format_amount("latency", p_lat),
                       _ratio(p_lat, b_lat))
     table.add_row("fine-tune steps", "-", str(best.finetune_steps), "")
     console.print(table)

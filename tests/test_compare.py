@@ -92,6 +92,7 @@ def test_cli_writes_the_table(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--agents", "uniform,nope", "--budget-flops", "50%"], "unknown agent"),
     (["compare", "--agents", "uniform"], "at least one budget"),
+    (["compare", "--agents", "uniform,gates", "--budget-flops", "50%", "--granularity", "2:4"], "supports only"),
     (["compare", "--agents", "uniform", "--budget-flops", "50%", "--random-spread", "0.5"], "not in --agents"),
 ])
 def test_bad_compare_input_is_one_line(argv, message, capsys, tmp_path):

@@ -171,6 +171,12 @@ class SearchContext:
             f"({cost[b.resource] / self.base[b.resource]:.1%}) > {b}"
             for b in self.budgets if not b.holds(cost[b.resource], self.base[b.resource])
         ]
+        if not parts:  # a timing that failed the budget a moment ago passes it now: noise at the limit
+            raise InputError(
+                "budget is at the edge of what this model can reach here: with "
+                f"{self.max_ratio:.0%} of every prunable group removed, measured latency passed and failed "
+                f"{' and '.join(str(b) for b in self.budgets)} in turn; loosen the budget or time less noisily"
+            )
         hint = "pinned layers are kept whole; --ignore pins more"
         if any(b.resource == "latency" and not b.holds(cost["latency"], self.base["latency"]) for b in self.budgets):
             hint += (f"; latency is timed at batch {self.evaluator.latency_batch}, where per-layer overhead that "
