@@ -175,6 +175,7 @@ def run_search(
             f"{len(agent_cls.directions)}; choose another --study name"
         )
     _check_same_model(st, setup, evaluator)
+    _check_same_options(st, agent, searcher.settings())
     ctx = SearchContext(
         evaluator, budgets, st, agent, n_trials=trials if trials is not None else agent_cls.default_trials,
         timeout=timeout, seed=seed, finetune_steps=finetune_steps, max_ratio=max_ratio, reporter=reporter,
@@ -239,6 +240,27 @@ def _with_latency(evaluator: Evaluator, result: Evaluation, model: nn.Module) ->
     if result.latency is not None:
         return result
     return replace(result, latency=evaluator._latency(model))
+
+
+def _check_same_options(st, agent: str, options: Mapping[str, Any]) -> None:
+    """A study resumes only with the agent and options it was searched with: an agent that picks up its
+    own trials (NetAdapt's iterations, AMC's episodes) would otherwise mix two searches in one study."""
+    import json
+
+    before = st.user_attrs.get("settings", {})
+    if not completed(st) or "agent_options" not in before:
+        return
+    if before.get("agent") != agent:
+        raise InputError(f"study {st.study_name!r} was searched by agent {before.get('agent')!r}, not {agent!r}; "
+                         "choose another --study name")
+    old, new = before["agent_options"], json.loads(json.dumps(dict(options), default=str))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        raise InputError(
+            f"study {st.study_name!r} was searched with --{agent}-{k.replace('_', '-')} {old.get(k)!r}, not "
+            f"{new.get(k)!r}; give the same options to resume it, or another --study name"
+        )
 
 
 def _check_same_model(st, setup: Setup, evaluator: Evaluator) -> None:

@@ -99,3 +99,17 @@ def test_bad_compare_input_is_one_line(argv, message, capsys, tmp_path):
     code = main([*argv, "--pretrain-steps", "0", "--storage", f"sqlite:///{tmp_path}/c.db", "-o", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_study_resumes_only_with_the_options_it_was_searched_with(compared):
+    from autoprune.runner import run_search
+
+    d, storage, setup, rows = compared
+    budget = [parse_budget("flops", "50%")]
+    common = dict(storage=storage, study=rows[1].study, trials=3, device="cpu", final=False,
+                  evaluator_settings={"bn_batches": 2})
+    run_search(setup, budget, agent="random", **common)  # same options: resumes, nothing new
+    with pytest.raises(InputError, match="--random-spread"):
+        run_search(setup, budget, agent="random", agent_options={"spread": 0.123}, **common)
+    with pytest.raises(InputError, match="searched by agent 'random'"):
+        run_search(setup, budget, agent="uniform", **common)
