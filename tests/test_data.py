@@ -456,3 +456,23 @@ def test_image_size_is_refused_for_datasets_of_fixed_size():
 
 def test_non_positive_image_size_is_refused(tmp_path):
     _input_error("--image-size|0", "imagefolder", root=tmp_path, image_size=0)
+
+
+def test_cpu_batches_are_channels_last_with_the_same_values():
+    """On the CPU batches come as NHWC (faster convolutions), even with one channel; the values do not change."""
+    import torch
+
+    from autoprune.data import load_dataset
+
+    data = load_dataset("digits")
+    kw = dict(shuffle=True, augment=True, drop_last=True)
+    nhwc = data.loader("train", 32, "cpu", generator=torch.Generator().manual_seed(3), **kw)
+    x, y = next(iter(nhwc))
+    from autoprune.data.loader import DeviceLoader
+
+    plain = DeviceLoader(data.train, 32, "cpu", data.mean, data.std, generator=torch.Generator().manual_seed(3),
+                         channels_last=False, **kw)
+    x0, y0 = next(iter(plain))
+    n, c, h, w = x.shape
+    assert x.stride() == (h * w * c, 1, w * c, c) and x0.stride() == (c * h * w, h * w, w, 1)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
