@@ -51,12 +51,21 @@ def count_flops(model: nn.Module, example_input: torch.Tensor, *, effective: boo
             return
         total += (out.numel() // out.shape[0]) * m.in_features
 
-    handles = []
+    hooks = {}
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
-            handles.append(m.register_forward_hook(conv_hook))
+            hooks[m] = conv_hook
         elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+            hooks[m] = linear_hook
+    forward_once(model, example_input, hooks)
+    return int(total)
+
+
+@torch.no_grad()
+def forward_once(model: nn.Module, example_input: torch.Tensor, hooks: dict[nn.Module, object]) -> None:
+    """One eval-mode forward pass of one sample with forward ``hooks`` (module -> hook) attached; the
+    hooks are removed and the model's train/eval mode restored afterwards."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     was_training = model.training
     model.eval()
     try:
@@ -65,7 +74,6 @@ def count_flops(model: nn.Module, example_input: torch.Tensor, *, effective: boo
         model.train(was_training)
         for h in handles:
             h.remove()
-    return int(total)
 
 
 def count_params(model: nn.Module, *, effective: bool = False) -> int:

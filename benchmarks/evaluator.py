@@ -111,16 +111,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     def timed(fn):
-        times = []
-        for _ in range(args.repeats):
-            if ev.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if ev.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(timed_once(fn) for _ in range(args.repeats))
 
     def evaluator_once():
         ev._cache.clear()

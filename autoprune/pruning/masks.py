@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from autoprune.cost import forward_once
 from autoprune.errors import InputError
 from autoprune.policy import Policy, nm_pattern, parse_granularity, snap_ratio
 from autoprune.space import Space
@@ -239,7 +240,7 @@ def _positions(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """Output positions per sample (all calls together) of every conv and linear layer, in the order
     they first run: a layer's MACs are these positions times its weight count."""
     out: dict[str, int] = {}
-    handles = []
+    hooks = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
@@ -247,13 +248,6 @@ def _positions(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
             def hook(mod, inp, y, name=name, channels=channels):
                 out[name] = out.get(name, 0) + y.numel() // y.shape[0] // channels
 
-            handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(x[:1])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+            hooks[m] = hook
+    forward_once(model, x, hooks)
     return out
