@@ -59,6 +59,25 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
                                help=f"{opt.help} (default {opt.default})".replace("%", "%%"))
 
 
+def _add_pruning_args(p: argparse.ArgumentParser) -> None:
+    """Budgets, and how a ratio becomes a pruned model: shared by search and compare."""
+    from autoprune.pruning.criteria import CRITERIA
+
+    p.add_argument("--budget-flops", help="FLOPs kept: 50%%, 0.5, 2x or an amount such as 120M")
+    p.add_argument("--budget-params", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
+    p.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="samples per timed forward pass for latency (default 1: one input's latency)")
+    p.add_argument("--criterion", default="l1",
+                   help=f"which channels a ratio removes: {', '.join(CRITERIA)} (see `autoprune criteria`; "
+                   "default l1); unstructured and N:M take l1, l2 (both |w| per weight) or random")
+    p.add_argument("--criterion-batches", type=int, default=8,
+                   help="training batches that taylor, hessian, apoz and entropy read (default 8)")
+    p.add_argument("--granularity", default="channel",
+                   help="channel (default: channels removed), unstructured (weight masks) or N:M such as 2:4 "
+                   "(N of every M weights along the input dimension)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoprune", description="Search per-layer pruning policies for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -66,21 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search a pruning policy under a budget")
     _add_model_args(s)
     s.add_argument("--agent", default="uniform", help="search agent (see `autoprune agents`; default uniform)")
-    s.add_argument("--budget-flops", help="FLOPs kept: 50%%, 0.5, 2x or an amount such as 120M")
-    s.add_argument("--budget-params", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
-    s.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
-    s.add_argument("--latency-batch", type=int, default=1,
-                   help="samples per timed forward pass for latency (default 1: one input's latency)")
-    from autoprune.pruning.criteria import CRITERIA
-
-    s.add_argument("--criterion", default="l1",
-                   help=f"which channels a ratio removes: {', '.join(CRITERIA)} (see `autoprune criteria`; "
-                   "default l1); unstructured and N:M take l1, l2 (both |w| per weight) or random")
-    s.add_argument("--criterion-batches", type=int, default=8,
-                   help="training batches that taylor, hessian, apoz and entropy read (default 8)")
-    s.add_argument("--granularity", default="channel",
-                   help="channel (default: channels removed), unstructured (weight masks) or N:M such as 2:4 "
-                   "(N of every M weights along the input dimension)")
+    _add_pruning_args(s)
     s.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (glob) whose groups stay whole; repeatable")
     s.add_argument("--trials", type=int, help="candidates to evaluate (default: the agent's)")
@@ -129,12 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--agents", default="uniform,random,amc,netadapt,icepick,gates,sensitivity",
                    help="comma-separated agents (default: all built in)")
-    c.add_argument("--budget-flops", help="FLOPs kept: 50%%, 0.5, 2x or an amount such as 120M")
-    c.add_argument("--budget-params", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
-    c.add_argument("--budget-latency", help="latency kept: 50%%, 2x or a time such as 3.2ms")
-    c.add_argument("--latency-batch", type=int, default=1, help="samples per timed forward pass (default 1)")
-    c.add_argument("--criterion", default="l1", help="which channels (or weights) a ratio removes (default l1)")
-    c.add_argument("--granularity", default="channel", help="channel (default), unstructured or N:M such as 2:4")
+    _add_pruning_args(c)
     c.add_argument("--trials", type=int, default=20, help="evaluations per agent (default 20)")
     c.add_argument("--pretrain-steps", type=int,
                    help="train the model this many steps first (cached; default as for search)")
@@ -356,6 +356,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _positive("--trials", args.trials, allow_zero=False)
     _positive("--finetune-steps", args.finetune_steps)
     _positive("--final-steps", args.final_steps)
+    _positive("--criterion-batches", args.criterion_batches, allow_zero=False)
     _positive("--pretrain-steps", args.pretrain_steps)
     options = _options_by_agent(args)
     stray = sorted(set(options) - set(agents))
@@ -369,7 +370,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         final_steps=args.final_steps, storage=_storage(args), study_prefix=args.study_prefix,
         agent_options=options, seed=args.seed, device=args.device, criterion=args.criterion,
         granularity=args.granularity,
-        evaluator_settings={"latency_batch": args.latency_batch},
+        evaluator_settings={"latency_batch": args.latency_batch, "criterion_batches": args.criterion_batches},
         reporter=lambda agent: ProgressReporter(console), log=log,
     )
     title = (f"{setup.info['name']} on {setup.data.name}, {', '.join(str(b) for b in budgets)}: "

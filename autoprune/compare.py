@@ -22,11 +22,11 @@ from typing import Any
 from optuna.trial import TrialState
 
 from autoprune.agents import Reporter, get_agent
-from autoprune.budget import Budget, budgets_slug, format_amount
+from autoprune.budget import Budget, format_amount
 from autoprune.errors import InputError
 from autoprune.policy import Policy
-from autoprune.runner import Setup, check_granularity, make_evaluator, run_search
-from autoprune.study import DEFAULT_STORAGE, load_study, study_name
+from autoprune.runner import Setup, check_granularity, default_study_name, make_evaluator, run_search
+from autoprune.study import DEFAULT_STORAGE, load_study
 
 COLUMNS = ("agent", "test_accuracy", "val_accuracy", "flops", "flops_ratio", "params", "params_ratio",
            "latency_ms", "search_seconds", "evaluations", "feasible", "study")
@@ -104,9 +104,7 @@ def run_compare(
     judge = make_evaluator(setup, device=device, criterion=criterion, granularity=granularity, **settings)
     base = judge.space
     for agent in agents:
-        slug = budgets_slug(budgets) + ("" if granularity == "channel" else "-" + granularity.replace(":", "of"))
-        name = (f"{study_prefix}-{agent}" if study_prefix
-                else study_name(setup.info["name"], setup.data.name, agent, slug))
+        name = f"{study_prefix}-{agent}" if study_prefix else default_study_name(setup, agent, budgets, granularity)
         log(f"{agent}: searching ({trials} evaluations at most, study {name})")
         outcome = run_search(
             setup, budgets, agent=agent, agent_options=options.get(agent), storage=storage, study=name,

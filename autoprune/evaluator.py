@@ -30,7 +30,7 @@ from torch import nn
 from autoprune.budget import Budget, all_hold
 from autoprune.cost import count_flops, count_params, measure_latency
 from autoprune.data import DatasetSplits
-from autoprune.errors import CandidateError
+from autoprune.errors import CandidateError, InputError
 from autoprune.policy import Policy, parse_granularity, snap_ratio
 from autoprune.pruning import ChannelPruner, MaskPruner
 from autoprune.pruning.masks import check_criterion, is_masked
@@ -43,8 +43,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from autoprune.errors import InputError
-
         raise InputError("--device cuda was asked for, but no CUDA device is available")
     return device
 
@@ -147,8 +145,6 @@ class Evaluator:
         self.latency = latency
         self.latency_repeats = latency_repeats
         if int(latency_batch) < 1:
-            from autoprune.errors import InputError
-
             raise InputError(f"--latency-batch must be at least 1, not {latency_batch}")
         self.latency_batch = int(latency_batch)
         self.seed = seed
@@ -173,9 +169,7 @@ class Evaluator:
         import copy
 
         model = copy.deepcopy(self.model)
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        batches = self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
-                                   drop_last=True).infinite()
+        batches = self._train_loader(self._generator()).infinite()
         best = {False: float("inf"), True: float("inf")}
         train_steps(model, batches, 2, 1e-4, amp=True)  # warm-up: kernel selection, allocator
         train_steps(model, batches, 2, 1e-4, amp=False)
@@ -256,13 +250,11 @@ class Evaluator:
     def build(self, policy: Policy, finetune_steps: int = 0) -> nn.Module:
         """The pruned, BN-recalibrated and fine-tuned model for ``policy`` (deterministic per seed)."""
         model = self.pruner_for(policy.granularity).prune(policy)
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        plain = self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
-                                 drop_last=True)
+        gen = self._generator()
+        plain = self._train_loader(gen)
         recalibrate_bn(model, plain.infinite(), self.bn_batches, self.amp)
         if finetune_steps > 0:
-            train = self.data.loader("train", self.batch_size, self.device, shuffle=True, augment=True,
-                                     generator=gen, drop_last=True)
+            train = self._train_loader(gen, augment=True)
             teacher = self.model if self.distill > 0 else None
             train_steps(model, train.infinite(), finetune_steps, self.finetune_lr, teacher=teacher,
                         distill=self.distill, temperature=self.temperature, amp=self.amp)
@@ -317,9 +309,15 @@ class Evaluator:
     def calibration(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The ``criterion_batches`` training batches that data-reading criteria score channels on: the
         same for a given seed, so ``apply`` picks the channels the search picked."""
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self.data.loader("train", self.batch_size, self.device, shuffle=True, generator=gen,
-                                drop_last=True).batches(self.criterion_batches)
+        return self._train_loader(self._generator()).batches(self.criterion_batches)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def _train_loader(self, gen: torch.Generator, augment: bool = False):
+        """Shuffled training batches of ``batch_size`` drawn with ``gen`` (augmented for fine-tuning)."""
+        return self.data.loader("train", self.batch_size, self.device, shuffle=True, augment=augment,
+                                generator=gen, drop_last=True)
 
     def _loader(self, split: str):
         return self.data.loader(split, self.eval_batch_size, self.device)

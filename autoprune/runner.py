@@ -110,6 +110,13 @@ def check_granularity(granularity: str, criterion: str, agent: type | None = Non
     return granularity
 
 
+def default_study_name(setup: Setup, agent: str, budgets: list[Budget], granularity: str = "channel") -> str:
+    """``<model>-<dataset>-<agent>-<budget>``, with ``-unstructured`` or ``-2of4`` for a masked granularity,
+    so that a masked search never resumes a channel one."""
+    slug = budgets_slug(budgets) + ("" if granularity == "channel" else "-" + granularity.replace(":", "of"))
+    return study_name(setup.info["name"], setup.data.name, agent, slug)
+
+
 def make_evaluator(setup: Setup, *, device: str = "auto", criterion: str = "l1", granularity: str = "channel",
                    ignore=(), **settings: Any) -> Evaluator:
     return Evaluator(setup.model, setup.data, device=device, criterion=criterion, granularity=granularity,
@@ -166,8 +173,7 @@ def run_search(
     settings["seed"] = seed
     evaluator = make_evaluator(setup, device=device, criterion=criterion, granularity=granularity, ignore=ignore,
                                **settings)
-    slug = budgets_slug(budgets) + ("" if granularity == "channel" else "-" + granularity.replace(":", "of"))
-    name = study or study_name(setup.info["name"], setup.data.name, agent, slug)
+    name = study or default_study_name(setup, agent, budgets, granularity)
     st = open_study(name, storage, directions=agent_cls.directions)
     if len(st.directions) != len(agent_cls.directions):
         raise InputError(

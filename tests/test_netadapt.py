@@ -268,3 +268,13 @@ def test_table_is_exact_when_layer_latency_is_bilinear_in_its_channels(digits, d
         ratios = dict(zip(space.names, rng.uniform(0, 0.9, len(space.names)).tolist()))
         macs = count_flops(pruner.prune(Policy(ratios)), x)
         assert table.estimate(ratios) == pytest.approx(macs * 1e-9, rel=1e-9)
+
+
+def test_a_budget_that_holds_when_timed_again_is_refused_as_noise(trained_resnet20, digits, tmp_path,
+                                                                  deterministic_latency):
+    """An agent found the budget unreachable, but the timing made for the message meets it: the refusal
+    says the budget is at the noise floor instead of listing no reason."""
+    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, ignore=IGNORE)
+    ctx = SearchContext(ev, [parse_budget("latency", "99%")], open_study("n", f"sqlite:///{tmp_path}/db"), "uniform")
+    with pytest.raises(InputError, match="at the edge of what this model can reach"):
+        ctx.unreachable()
