@@ -1,6 +1,6 @@
-"""The agents side by side: each searches the same model and data under the same budgets with the same
-number of evaluations, then each one's best feasible policy gets the same final fine-tune and is
-scored on the test split. One table comes out, as Markdown and CSV.
+"""The agents side by side: each searches the same model and task under the same budgets and the same
+configuration (the same number of evaluations), then each one's best feasible policy gets the same
+final fine-tune and is scored on the test split. One table comes out, as Markdown and CSV.
 
 Every agent's search is an ordinary study (``<model>-<dataset>-<agent>-<budget>``, or
 ``<prefix>-<agent>`` with ``study_prefix``), so a comparison that is interrupted resumes where it
@@ -22,13 +22,15 @@ from typing import Any
 from optuna.trial import TrialState
 
 from autoprune.agents import Reporter, get_agent
-from autoprune.budget import Budget, format_amount
-from autoprune.errors import InputError
+from autoprune.budget import format_amount
+from autoprune.config import SearchConfig
+from autoprune.errors import InputError, ParameterError
 from autoprune.policy import Policy
-from autoprune.runner import Setup, check_granularity, default_study_name, make_evaluator, run_search
-from autoprune.study import DEFAULT_STORAGE, load_study
+from autoprune.runner import Setup, default_study_name, make_evaluator, run_search
+from autoprune.study import load_study
 
-COLUMNS = ("agent", "test_accuracy", "val_accuracy", "flops", "flops_ratio", "params", "params_ratio",
+# the columns of the table; test_score and val_score are headed by the task's metric (test_accuracy, ...)
+COLUMNS = ("agent", "test_score", "val_score", "flops", "flops_ratio", "params", "params_ratio",
            "latency_ms", "search_seconds", "evaluations", "feasible", "study")
 
 
@@ -41,8 +43,9 @@ class Row:
     evaluations: int
     search_seconds: float
     feasible: bool
-    test_accuracy: float | None = None
-    val_accuracy: float | None = None
+    metric: str = "accuracy"
+    test_score: float | None = None
+    val_score: float | None = None
     flops: int | None = None
     flops_ratio: float | None = None
     params: int | None = None
@@ -53,7 +56,12 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("policy")
+        out.pop("metric")
         return out
+
+
+def headers(metric: str) -> list[str]:
+    return [c.replace("score", metric) if c.endswith("_score") else c for c in COLUMNS]
 
 
 def parse_agents(text: str) -> list[str]:
@@ -63,7 +71,10 @@ def parse_agents(text: str) -> list[str]:
         raise InputError("--agents needs at least one agent name, e.g. uniform,random,amc")
     seen = set()
     for n in names:
-        get_agent(n)  # one line naming the choices when unknown
+        try:
+            get_agent(n)
+        except ParameterError as e:  # one line naming the choices
+            raise ParameterError("agents", n, e.allowed, flag="--agents") from None
         if n in seen:
             raise InputError(f"--agents names {n!r} twice")
         seen.add(n)
@@ -72,68 +83,59 @@ def parse_agents(text: str) -> list[str]:
 
 def run_compare(
     setup: Setup,
-    budgets: list[Budget],
+    config: SearchConfig,
     agents: Sequence[str],
     *,
-    trials: int = 20,
-    finetune_steps: int = 0,
     final_steps: int = 100,
-    storage: str = DEFAULT_STORAGE,
     study_prefix: str | None = None,
     agent_options: Mapping[str, Mapping[str, Any]] | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    criterion: str = "l1",
-    granularity: str = "channel",
-    evaluator_settings: Mapping[str, Any] | None = None,
     reporter: Callable[[str], Reporter] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
-    """Search with each agent (``trials`` evaluations each; an agent that needs fewer, such as
-    ``uniform``, stops sooner), then fine-tune each best feasible policy ``final_steps`` steps and
-    score it on the test split, latency measured on the same device for every row."""
-    granularity = check_granularity(granularity, criterion)
-    for agent in agents:  # refused before any search runs
-        check_granularity(granularity, criterion, get_agent(agent))
+    """Search with each agent under ``config`` (its ``trials`` evaluations each; an agent that needs
+    fewer, such as ``uniform``, stops sooner), then fine-tune each best feasible policy ``final_steps``
+    steps and score it on the test split (the validation split when the task has none), latency measured
+    on the same device for every row."""
     options = {a: dict(o) for a, o in (agent_options or {}).items()}
     unknown = sorted(set(options) - set(agents))
     if unknown:
         raise InputError(f"options for agent {unknown[0]!r}, which is not in --agents")
+    configs = {a: config.replace(agent=a, agent_options=options.get(a, {})) for a in agents}  # all checked first
+    task = setup.task
+    judge = make_evaluator(setup.model, task, config.to_dict(), device=config.device, amp=config.amp_setting(),
+                           info=setup.info)
+    split = "test" if task.has_split("test") else "val"
     rows = []
-    settings = {**dict(evaluator_settings or {}), "seed": seed}
-    judge = make_evaluator(setup, device=device, criterion=criterion, granularity=granularity, **settings)
-    base = judge.space
     for agent in agents:
-        name = f"{study_prefix}-{agent}" if study_prefix else default_study_name(setup, agent, budgets, granularity)
-        log(f"{agent}: searching ({trials} evaluations at most, study {name})")
-        outcome = run_search(
-            setup, budgets, agent=agent, agent_options=options.get(agent), storage=storage, study=name,
-            trials=trials, finetune_steps=finetune_steps, seed=seed, device=device, criterion=criterion,
-            granularity=granularity,
-            evaluator_settings=evaluator_settings, reporter=reporter(agent) if reporter else None, final=False,
-        )
+        name = f"{study_prefix}-{agent}" if study_prefix else default_study_name(
+            setup.info["name"], task.name, agent, config.budget_list(), config.granularity)
+        log(f"{agent}: searching ({config.trials} evaluations at most, study {name})")
+        outcome = run_search(setup.model, task, configs[agent].replace(study=name), info=setup.info,
+                             reporter=reporter(agent) if reporter else None, final=False)
         st = outcome.study
         evaluations = _evaluations(st)
         scan = st.user_attrs.get("sensitivity_scan")
         if scan:  # the sensitivity agent's probes are trials of a scan study of their own
-            evaluations += _evaluations(load_study(scan, storage))
+            evaluations += _evaluations(load_study(scan, outcome.storage))
         row = Row(agent, name, evaluations, float(st.user_attrs.get("search_seconds", outcome.seconds)),
-                  outcome.policy is not None)
+                  outcome.policy is not None, task.metric)
         if outcome.policy is not None:
             model = judge.build(outcome.policy, final_steps)
-            test = judge.measure(model, "test", final_steps)
+            test = judge.measure(model, split, final_steps)
             val = judge.measure(model, "val", final_steps)
-            row.test_accuracy, row.val_accuracy = test.accuracy, val.accuracy
+            row.test_score, row.val_score = test.score, val.score
             row.flops, row.params = test.flops, test.params
-            row.flops_ratio, row.params_ratio = test.flops / base.base_flops, test.params / base.base_params
-            row.latency_ms = judge._latency(model) * 1e3
+            row.flops_ratio = test.flops / judge.space.base_flops
+            row.params_ratio = test.params / judge.space.base_params
+            row.latency_ms = judge.latency_of(model) * 1e3
             row.policy = outcome.policy
             row.policy.metrics["final"] = {
-                "finetune_steps": final_steps, "test_accuracy": test.accuracy, "val_accuracy": val.accuracy,
+                "finetune_steps": final_steps, "split": split, f"{split}_{task.metric}": test.score,
+                f"val_{task.metric}": val.score, "test_score": test.score, "val_score": val.score,
                 "latency": row.latency_ms / 1e3, "latency_batch": judge.latency_batch,
                 "search_seconds": row.search_seconds, "evaluations": evaluations,
             }
-            log(f"{agent}: test accuracy {test.accuracy:.2%} at {row.flops_ratio:.1%} FLOPs "
+            log(f"{agent}: {split} {task.metric} {task.format(test.score)} at {row.flops_ratio:.1%} FLOPs "
                 f"after {final_steps} final fine-tune steps")
         else:
             log(f"{agent}: no feasible policy")
@@ -145,11 +147,13 @@ def _evaluations(study) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.get_trials(deepcopy=False))
 
 
-def _cell(column: str, value: Any) -> str:
+def _cell(column: str, value: Any, fmt: Callable[[float], str]) -> str:
     if value is None:
         return "—"
-    if column in ("test_accuracy", "val_accuracy", "flops_ratio", "params_ratio"):
+    if column in ("flops_ratio", "params_ratio"):
         return f"{value:.2%}"
+    if column in ("test_score", "val_score"):
+        return fmt(value)
     if column == "flops":
         return format_amount("flops", value)
     if column == "params":
@@ -163,16 +167,24 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
+def _fmt(metric: str) -> Callable[[float], str]:
+    from autoprune.task import FRACTION_METRICS
+
+    return (lambda v: f"{v:.2%}") if metric.lower() in FRACTION_METRICS else (lambda v: f"{v:.4g}")
+
+
 def markdown(rows: Sequence[Row], title: str | None = None) -> str:
     """The table as GitHub Markdown (percentages and human amounts)."""
+    metric = rows[0].metric if rows else "accuracy"
+    fmt = _fmt(metric)
     out = io.StringIO()
     if title:
         out.write(f"{title}\n\n")
-    out.write("| " + " | ".join(COLUMNS) + " |\n")
+    out.write("| " + " | ".join(headers(metric)) + " |\n")
     out.write("|" + "|".join("---" for _ in COLUMNS) + "|\n")
     for r in rows:
         d = r.as_dict()
-        out.write("| " + " | ".join(_cell(c, d[c]) for c in COLUMNS) + " |\n")
+        out.write("| " + " | ".join(_cell(c, d[c], fmt) for c in COLUMNS) + " |\n")
     return out.getvalue()
 
 
@@ -184,11 +196,13 @@ def write_tables(rows: Sequence[Row], directory: str | Path, title: str | None =
     md = directory / "compare.md"
     md.write_text(markdown(rows, title))
     path = directory / "compare.csv"
+    names = headers(rows[0].metric if rows else "accuracy")
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
+        w = csv.writer(f)
+        w.writerow(names)
         for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.as_dict().items() if k in COLUMNS})
+            d = r.as_dict()
+            w.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
     for r in rows:
         if r.policy is not None:
             r.policy.save(directory / f"{r.agent}.json")

@@ -1,7 +1,8 @@
 """Measured cost of a model: FLOPs, parameters and latency.
 
 FLOPs are counted as **multiply-accumulates (MACs) of convolution and linear layers** for one input
-sample, the convention of AMC, NetAdapt and most pruning papers ("FLOPs" there means MACs). Batch
+sample (a weight runs once per output position; per input position in a transposed convolution), the
+convention of AMC, NetAdapt and most pruning papers ("FLOPs" there means MACs). Batch
 norm, activations, pooling and additions are not counted. Every FLOPs figure autoprune prints, stores
 or compares uses this one definition; :class:`autoprune.space.Space` predicts the same number
 analytically, and the tests check that prediction against this counter on pruned models.
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
+
+from autoprune.inputs import call, device_of, first_sample, repeat_batch
 
 
 def kept_weights(module: nn.Module, name: str = "weight") -> int:
@@ -29,20 +33,19 @@ def kept_weights(module: nn.Module, name: str = "weight") -> int:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, example_input: torch.Tensor, *, effective: bool = False) -> int:
-    """MACs of every ``Conv*d`` and ``Linear`` call for one sample of ``example_input``'s shape;
-    with ``effective`` only those of the weights pruning masks keep."""
+def count_flops(model: nn.Module, example_inputs: Any, *, effective: bool = False) -> int:
+    """MACs of every ``Conv*d`` and ``Linear`` call for one sample of ``example_inputs`` (a tensor, a
+    tuple or a dict; see :mod:`autoprune.inputs`); with ``effective`` only those of the weights pruning
+    masks keep."""
     total = 0
 
     def conv_hook(m: nn.modules.conv._ConvNd, inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        if effective:  # MACs = output positions x weights, so the kept weights scale them exactly
-            total += (out.numel() // out.shape[0] // m.out_channels) * kept_weights(m)
-            return
-        kernel = 1
-        for k in m.kernel_size:
-            kernel *= k
-        total += (out.numel() // out.shape[0]) * (m.in_channels // m.groups) * kernel
+        # every weight runs once per output position (per input position for a transposed conv), so
+        # MACs = positions x weights, and the kept weights scale them exactly
+        x = inp[0] if m.transposed else out
+        positions = x.numel() // x.shape[0] // x.shape[1]
+        total += positions * (kept_weights(m) if effective else m.weight.numel())
 
     def linear_hook(m: nn.Linear, inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
@@ -57,19 +60,19 @@ def count_flops(model: nn.Module, example_input: torch.Tensor, *, effective: boo
             hooks[m] = conv_hook
         elif isinstance(m, nn.Linear):
             hooks[m] = linear_hook
-    forward_once(model, example_input, hooks)
+    forward_once(model, example_inputs, hooks)
     return int(total)
 
 
 @torch.no_grad()
-def forward_once(model: nn.Module, example_input: torch.Tensor, hooks: dict[nn.Module, object]) -> None:
+def forward_once(model: nn.Module, example_inputs: Any, hooks: dict[nn.Module, object]) -> None:
     """One eval-mode forward pass of one sample with forward ``hooks`` (module -> hook) attached; the
     hooks are removed and the model's train/eval mode restored afterwards."""
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     was_training = model.training
     model.eval()
     try:
-        model(example_input[:1])
+        call(model, first_sample(example_inputs))
     finally:
         model.train(was_training)
         for h in handles:
@@ -101,7 +104,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_latency(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_inputs: Any,
     warmup: int = 5,
     repeats: int = 20,
     batch_size: int = 1,
@@ -114,18 +117,18 @@ def measure_latency(
     try:
         device = next(model.parameters()).device
     except StopIteration:
-        device = example_input.device
-    x = example_input[:1].to(device).expand(batch_size, *example_input.shape[1:]).contiguous()
+        device = device_of(example_inputs)
+    x = repeat_batch(example_inputs, batch_size)
     was_training = model.training
     model.eval()
     try:
         for _ in range(warmup):
-            model(x)
+            call(model, x)
         _sync(device)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model(x)
+            call(model, x)
             _sync(device)
             times.append(time.perf_counter() - t0)
     finally:

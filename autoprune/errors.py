@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AutopruneError(Exception):
     """Base class of the errors autoprune raises on purpose."""
@@ -14,8 +16,31 @@ class InputError(AutopruneError, ValueError):
     """
 
 
+class ParameterError(InputError):
+    """A setting with a value it cannot take. The message names the setting and the value in the Python
+    API's words (``finetune_steps=-1: must be >= 0``, ``amc option warmup=...``); :meth:`for_cli` says the
+    same with the command line's flag (``--finetune-steps -1: must be >= 0``).
+
+    ``name`` is the setting's name (an agent option's own name for ``agent`` options), ``allowed`` says
+    what it accepts; ``api`` and ``flag`` override how the setting is named in each place.
+    """
+
+    def __init__(self, name: str, value: Any, allowed: str, *, agent: str | None = None,
+                 api: str | None = None, flag: str | None = None) -> None:
+        self.name, self.value, self.allowed, self.agent = name, value, allowed, agent
+        self.api = api or (f"{agent} option {name}" if agent else name)
+        self.flag = flag or "--" + (f"{agent}-" if agent else "") + name.replace("_", "-")
+        super().__init__(f"{self.api}={value!r}: {allowed}")
+
+    def for_cli(self) -> str:
+        value = self.value if isinstance(self.value, (int, float, str)) and not isinstance(self.value, bool) \
+            else repr(self.value)
+        return f"{self.flag} {value}: {self.allowed}"
+
+
 class CandidateError(AutopruneError):
-    """One candidate could not be evaluated (diverging fine-tune, out of memory, empty layer).
+    """One candidate could not be evaluated (diverging fine-tune, out of memory, empty layer, a task
+    function that raised or scored NaN).
 
     The search records the trial as failed with this message and goes on with the next candidate.
     """

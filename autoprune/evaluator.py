@@ -7,21 +7,26 @@ optionally fine-tunes it for a number of steps (with knowledge distillation from
 if asked), and scores it on the held-out validation split; FLOPs and params are measured on the pruned
 model itself, which is what feasibility is decided on. Results are cached by policy.
 
+Data comes only from the :class:`~autoprune.task.Task`: its seeded training batches, its forward pass
+and loss, its score (one named objective with a direction, plus other metrics). Every candidate sees
+the same batches for a given seed, so candidates are compared on equal terms and a recorded result can
+be reproduced exactly (``autoprune apply`` does). The built-in datasets' task keeps its data on the
+device as tensors, batched and augmented there.
+
 The policy's granularity picks the pruner: channel removal (:class:`~autoprune.pruning.ChannelPruner`)
 or weight masks for ``unstructured`` and ``N:M`` (:class:`~autoprune.pruning.MaskPruner`). For masked
 models ``flops`` and ``params`` are the *effective* figures (only the weights the masks keep), which
 budgets are judged on; ``flops_dense`` and ``params_dense`` keep the dense ones (the shapes, unchanged).
-
-All data lives on the evaluator's device as tensors and is batched and augmented there; every
-candidate sees the same batches for a given seed, so candidates are compared on equal terms and a
-recorded result can be reproduced exactly (``autoprune apply`` does).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -29,38 +34,49 @@ from torch import nn
 
 from autoprune.budget import Budget, all_hold
 from autoprune.cost import count_flops, count_params, measure_latency
-from autoprune.data import DatasetSplits
-from autoprune.errors import CandidateError, InputError
+from autoprune.errors import CandidateError, InputError, ParameterError
 from autoprune.policy import Policy, parse_granularity, snap_ratio
 from autoprune.pruning import ChannelPruner, MaskPruner
 from autoprune.pruning.masks import check_criterion, is_masked
 from autoprune.space import Space
-from autoprune.training import recalibrate_bn, score, train_steps
+from autoprune.task import Task, check_task, scores_of
+from autoprune.training import autocast, recalibrate_bn, train_steps
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a ``torch.device``."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError("device", device, "choose auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA device is available")
+        raise ParameterError("device", str(device), "no CUDA device is available here; use auto or cpu")
     return device
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What one evaluated candidate measured. ``accuracy`` is top-1 on ``split`` in [0, 1]."""
+    """What one evaluated candidate measured: ``score`` is the task's objective (named ``metric``) on
+    ``split``; ``metrics`` holds every metric the task reported, the objective included."""
 
-    accuracy: float
-    loss: float
+    score: float
     flops: int
     params: int
     latency: float | None
     seconds: float
     finetune_steps: int
     split: str = "val"
+    metric: str = "accuracy"
+    metrics: dict[str, float] = field(default_factory=dict)
     flops_dense: int | None = None  # masked granularities: the dense figures (flops/params are effective)
     params_dense: int | None = None
+
+    @property
+    def loss(self) -> float:
+        """The task's loss on the split, where its score reports one (NaN otherwise)."""
+        return float(self.metrics.get("loss", math.nan))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,13 +89,14 @@ class Evaluation:
 
 
 class Evaluator:
-    """Scores pruning policies of one base model on one dataset.
+    """Scores pruning policies of one base model on one task.
 
     Parameters
     ----------
     model: the trained base model (not modified; pruned copies are made).
-    data: the dataset splits (train for BN recalibration and fine-tuning, val for search scores,
-        test for final reports).
+    task: what the model is trained and judged on (:class:`~autoprune.task.Task`): training batches for
+        BN recalibration and fine-tuning, the validation split for search scores, the test split (when
+        it has one) for final reports only.
     device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     criterion: default criterion for policies that do not name one (``l1``).
     granularity: default granularity of the policies it makes: ``channel``, ``unstructured`` or
@@ -87,8 +104,6 @@ class Evaluator:
     criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
         (taylor, hessian, apoz, entropy) gather their statistics on, once per base model.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
-    batch_size: fine-tune and BN-recalibration batch size.
-    eval_batch_size: scoring batch size.
     bn_batches: training batches for adaptive BN recalibration (0 turns it off).
     finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
     distill: weight of the distillation loss from the unpruned model (0 turns it off).
@@ -102,21 +117,19 @@ class Evaluator:
         cores, while small ones are bound by kernel launches, which autocast's casts add to (ResNet-20 on
         the 8x8 default: 18 % slower with it on an H100). Never on the CPU. The chosen value is
         recorded with the search, so ``apply`` and workers reuse it.
-    model_info: metadata stamped into every policy (model name, dataset, shapes).
+    model_info: metadata stamped into every policy (model name, task, shapes).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        data: DatasetSplits,
+        task: Task,
         *,
         device: str | torch.device = "auto",
         criterion: str = "l1",
         granularity: str = "channel",
         criterion_batches: int = 8,
         ignore: Iterable[str] = (),
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
         bn_batches: int = 20,
         finetune_lr: float = 0.01,
         distill: float = 0.0,
@@ -129,15 +142,13 @@ class Evaluator:
         model_info: Mapping[str, Any] | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.data = data
+        self.task = check_task(task).to(self.device)
         self.model = model.to(self.device).eval()
         self.criterion = criterion
         self.granularity = parse_granularity(granularity)
         if self.granularity != "channel":
             check_criterion(self.granularity, criterion)
         self.criterion_batches = criterion_batches
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
         self.bn_batches = bn_batches
         self.finetune_lr = finetune_lr
         self.distill = distill
@@ -145,20 +156,19 @@ class Evaluator:
         self.latency = latency
         self.latency_repeats = latency_repeats
         if int(latency_batch) < 1:
-            raise InputError(f"--latency-batch must be at least 1, not {latency_batch}")
+            raise ParameterError("latency_batch", latency_batch, "must be an integer >= 1")
         self.latency_batch = int(latency_batch)
         self.seed = seed
         self.amp = bool(amp) if amp != "auto" else False
-        self.example_input = torch.zeros(
-            1, data.in_channels, data.image_size, data.image_size, device=self.device
-        )
-        self.space = Space.from_model(self.model, self.example_input, ignore=ignore)
-        self.pruner = ChannelPruner(self.space, calibration=self.calibration, seed=seed)
+        self.example_inputs = self.task.example_inputs
+        self.space = Space.from_model(self.model, self.example_inputs, ignore=ignore)
+        self.pruner = ChannelPruner(self.space, calibration=self.calibration, seed=seed, task=self.task)
         self._mask_pruner: MaskPruner | None = None
         self.model_info = dict(model_info or {})
         self.model_info.setdefault("groups", len(self.space.names))
         self._cache: dict[tuple, Evaluation] = {}
         self._baseline: dict[str, Evaluation] = {}
+        self._sealed: set[str] = set()
         if amp == "auto" and self.device.type == "cuda":
             self.amp = self._autocast_pays()
         self.evaluations = 0  # candidates actually evaluated (cache hits excluded)
@@ -169,21 +179,25 @@ class Evaluator:
         import copy
 
         model = copy.deepcopy(self.model)
-        batches = self._train_loader(self._generator()).infinite()
+        batches = self.task.train_batches(self.seed)
         best = {False: float("inf"), True: float("inf")}
-        train_steps(model, batches, 2, 1e-4, amp=True)  # warm-up: kernel selection, allocator
-        train_steps(model, batches, 2, 1e-4, amp=False)
+        train_steps(model, self.task, batches, 2, 1e-4, amp=True)  # warm-up: kernel selection, allocator
+        train_steps(model, self.task, batches, 2, 1e-4, amp=False)
         for _ in range(rounds):
             for amp in (False, True):
                 torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
-                train_steps(model, batches, steps, 1e-4, amp=amp)
+                train_steps(model, self.task, batches, steps, 1e-4, amp=amp)
                 torch.cuda.synchronize(self.device)
                 best[amp] = min(best[amp], time.perf_counter() - t0)
         del model
         return best[True] < 0.95 * best[False]
 
     # -- the unpruned model -------------------------------------------------------------------
+    @property
+    def metric(self) -> str:
+        return self.task.metric
+
     @property
     def base(self) -> dict[str, float]:
         """The unpruned model's resources (latency included only when measured)."""
@@ -193,14 +207,18 @@ class Evaluator:
         return out
 
     def baseline(self, split: str = "val") -> Evaluation:
-        """The unpruned model as given: no recalibration, no fine-tune."""
+        """The unpruned model as given: no recalibration, no fine-tune. A task whose score fails on it is
+        refused (:class:`InputError`): that is no candidate's fault."""
         if split not in self._baseline:
             t0 = time.perf_counter()
-            acc, loss = score(self.model, self._loader(split), self.amp)
-            lat = self._latency(self.model) if self.latency else None
+            try:
+                metrics = self.metrics_of(self.model, split)
+            except CandidateError as e:
+                raise InputError(f"the task's score fails on the unpruned model ({split} split): {e}") from None
+            lat = self.latency_of(self.model) if self.latency else None
             self._baseline[split] = Evaluation(
-                acc, loss, self.space.base_flops, self.space.base_params, lat,
-                time.perf_counter() - t0, 0, split,
+                metrics[self.metric], self.space.base_flops, self.space.base_params, lat,
+                time.perf_counter() - t0, 0, split, self.metric, metrics,
             )
         return self._baseline[split]
 
@@ -240,7 +258,7 @@ class Evaluator:
         out = self.space.cost(ratios) if granularity == "channel" else self.mask_pruner.cost(ratios, granularity)
         if self.latency if latency is None else latency:
             pol = policy if isinstance(policy, Policy) else self.policy(ratios)
-            out["latency"] = self._latency(self.pruner_for(pol.granularity).prune(pol))
+            out["latency"] = self.latency_of(self.pruner_for(pol.granularity).prune(pol))
         return out
 
     def feasible(self, budgets: Iterable[Budget], resources: Mapping[str, float]) -> bool:
@@ -250,14 +268,13 @@ class Evaluator:
     def build(self, policy: Policy, finetune_steps: int = 0) -> nn.Module:
         """The pruned, BN-recalibrated and fine-tuned model for ``policy`` (deterministic per seed)."""
         model = self.pruner_for(policy.granularity).prune(policy)
-        gen = self._generator()
-        plain = self._train_loader(gen)
-        recalibrate_bn(model, plain.infinite(), self.bn_batches, self.amp)
+        recalibrate_bn(model, self.task, self.task.train_batches(self.seed, augment=False), self.bn_batches,
+                       self.amp)
         if finetune_steps > 0:
-            train = self._train_loader(gen, augment=True)
             teacher = self.model if self.distill > 0 else None
-            train_steps(model, train.infinite(), finetune_steps, self.finetune_lr, teacher=teacher,
-                        distill=self.distill, temperature=self.temperature, amp=self.amp)
+            train_steps(model, self.task, self.task.train_batches(self.seed, augment=True), finetune_steps,
+                        self.finetune_lr, teacher=teacher, distill=self.distill, temperature=self.temperature,
+                        amp=self.amp)
         return model.eval()
 
     def evaluate(self, policy: Policy, finetune_steps: int = 0, split: str = "val") -> Evaluation:
@@ -282,49 +299,57 @@ class Evaluator:
         """Score an already pruned model and measure its resources (effective and dense ones for a
         masked model)."""
         t0 = time.perf_counter() if t0 is None else t0
-        acc, loss = score(model, self._loader(split), self.amp)
-        lat = self._latency(model) if self.latency else None
-        flops, params = count_flops(model, self.example_input), count_params(model)
+        metrics = self.metrics_of(model, split)
+        lat = self.latency_of(model) if self.latency else None
+        flops, params = count_flops(model, self.example_inputs), count_params(model)
         dense: dict[str, int] = {}
         if is_masked(model):
             dense = {"flops_dense": flops, "params_dense": params}
-            flops = count_flops(model, self.example_input, effective=True)
+            flops = count_flops(model, self.example_inputs, effective=True)
             params = count_params(model, effective=True)
         return Evaluation(
-            accuracy=acc,
-            loss=loss,
+            score=metrics[self.metric],
             flops=flops,
             params=params,
             latency=lat,
             seconds=time.perf_counter() - t0,
             finetune_steps=int(finetune_steps),
             split=split,
+            metric=self.metric,
+            metrics=metrics,
             **dense,
         )
 
-    def remember(self, policy: Policy, finetune_steps: int, result: Evaluation) -> None:
-        """Seed the cache with a result recorded earlier (a resumed study)."""
-        self._cache[(policy.key(), int(finetune_steps), result.split)] = result
+    def metrics_of(self, model: nn.Module, split: str = "val") -> dict[str, float]:
+        """The task's metrics of ``model`` on ``split`` (the objective checked to be finite)."""
+        if split in self._sealed:
+            raise RuntimeError(f"the {split} split is not read during a search")
+        if not self.task.has_split(split):
+            raise InputError(f"the task has no {split!r} split")
+        model.eval()
+        with autocast(self.device, self.amp):
+            metrics = self.task.score(model, split)
+        return scores_of(self.task, metrics, "the task's score")
 
-    def calibration(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    @contextlib.contextmanager
+    def sealed(self, *splits: str) -> Iterator[None]:
+        """Within the block, scoring on ``splits`` raises: a search reads the validation split only."""
+        added = set(splits) - self._sealed
+        self._sealed |= added
+        try:
+            yield
+        finally:
+            self._sealed -= added
+
+    def calibration(self) -> Iterator[Any]:
         """The ``criterion_batches`` training batches that data-reading criteria score channels on: the
         same for a given seed, so ``apply`` picks the channels the search picked."""
-        return self._train_loader(self._generator()).batches(self.criterion_batches)
+        return itertools.islice(self.task.train_batches(self.seed, augment=False), self.criterion_batches)
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.seed)
-
-    def _train_loader(self, gen: torch.Generator, augment: bool = False):
-        """Shuffled training batches of ``batch_size`` drawn with ``gen`` (augmented for fine-tuning)."""
-        return self.data.loader("train", self.batch_size, self.device, shuffle=True, augment=augment,
-                                generator=gen, drop_last=True)
-
-    def _loader(self, split: str):
-        return self.data.loader(split, self.eval_batch_size, self.device)
-
-    def _latency(self, model: nn.Module) -> float:
-        # the least of three medians, the rounds apart: load elsewhere on the machine only ever adds time,
-        # so a burst of it spoils one round, not the figure a budget is judged on
+    def latency_of(self, model: nn.Module) -> float:
+        """Seconds per forward pass of ``latency_batch`` samples: the least of three medians, the rounds
+        apart (load elsewhere on the machine only ever adds time, so a burst of it spoils one round, not
+        the figure a budget is judged on)."""
         per_round = max(1, self.latency_repeats // 3)
-        return min(measure_latency(model, self.example_input, warmup=5 if r == 0 else 1, repeats=per_round,
+        return min(measure_latency(model, self.example_inputs, warmup=5 if r == 0 else 1, repeats=per_round,
                                    batch_size=self.latency_batch) for r in range(3))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from autoprune.cost import measure_latency
+from autoprune.inputs import signature
 from autoprune.policy import Policy
 from autoprune.pruning import ChannelPruner
 from autoprune.space import Layer, Space
@@ -199,7 +200,7 @@ class LatencyTable:
         key = {
             "model": model,
             "device": device_description(device),
-            "input_shape": list(space.example_input.shape),
+            "input_shape": signature(space.example_inputs),
             "step": int(step),
             "repeats": int(repeats),
             "batch": int(batch),
@@ -238,7 +239,7 @@ class LatencyTable:
         # rounds sweep the whole grid (and the whole model) in turn, so each point's samples are spread
         # over the build and a burst of load elsewhere on the machine spoils one of them, not all
         for _ in range(max(1, rounds)):
-            full = min(full, measure_latency(space.model, space.example_input, warmup=max(warmup, 3),
+            full = min(full, measure_latency(space.model, space.example_inputs, warmup=max(warmup, 3),
                                              repeats=max(repeats, 10), batch_size=batch))
             for k, (_sig, _i, _j, module, x) in enumerate(points):
                 best[k] = min(best[k], measure_latency(module, x, warmup=warmup, repeats=repeats, batch_size=batch))
@@ -254,7 +255,7 @@ class LatencyTable:
         half_model = ChannelPruner(space).prune(Policy(dict(half_ratios)))
         half = math.inf
         for _ in range(max(1, rounds)):
-            half = min(half, measure_latency(half_model, space.example_input, warmup=max(warmup, 3),
+            half = min(half, measure_latency(half_model, space.example_inputs, warmup=max(warmup, 3),
                                              repeats=max(repeats, 10), batch_size=batch))
         full_sum, full_volume = table._layers_sum(table._full_counts())
         half_sum, half_volume = table._layers_sum(space.keep_counts(half_ratios))
@@ -358,7 +359,7 @@ def estimate_error(table: LatencyTable, candidates: Iterable[Mapping[str, float]
     measured = [math.inf] * len(models)
     for _ in range(max(1, rounds)):  # interleaved, as in the table's build
         for k, model in enumerate(models):
-            measured[k] = min(measured[k], measure_latency(model, table.space.example_input, warmup=3,
+            measured[k] = min(measured[k], measure_latency(model, table.space.example_inputs, warmup=3,
                                                            repeats=repeats, batch_size=table.batch))
     rows = []
     for ratios, seconds in zip(candidates, measured):

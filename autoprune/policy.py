@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 
 SCHEMA = "autoprune.policy/1"
 GRANULARITIES = ("channel", "unstructured", "N:M")  # "N:M" stands for any "n:m" with 0 < n < m, e.g. "2:4"
@@ -54,10 +54,9 @@ def parse_granularity(granularity: Any) -> str:
             n, m = int(match[1]), int(match[2])
             if 0 < n < m:
                 return f"{n}:{m}"
-            raise InputError(f"granularity {granularity!r}: N:M keeps N of every M weights and needs 0 < N < M "
-                             "(e.g. 2:4)")
-    raise InputError(f"unknown granularity {granularity!r}; choose channel, unstructured or N:M with "
-                     "0 < N < M (e.g. 2:4)")
+            raise ParameterError("granularity", granularity, "N:M keeps N of every M weights and needs "
+                                 "0 < N < M (e.g. 2:4)")
+    raise ParameterError("granularity", granularity, "choose channel, unstructured or N:M with 0 < N < M (e.g. 2:4)")
 
 
 def nm_pattern(granularity: str) -> tuple[int, int] | None:

@@ -4,14 +4,15 @@ trained model; ``autoprune train`` and ``search --pretrain-steps`` serve untrain
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from autoprune.data import DatasetSplits
-from autoprune.training import score, train_steps
+from autoprune.task import Task
+from autoprune.training import train_steps
 
 
 def cache_dir() -> Path:
@@ -20,37 +21,36 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def train_model(model: nn.Module, data: DatasetSplits, steps: int, *, device: torch.device, seed: int = 0,
-                lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4) -> float:
-    """Train ``model`` in place for ``steps`` SGD steps (cosine LR, augmentation); return val accuracy."""
+def train_model(model: nn.Module, task: Task, steps: int, *, device: torch.device, seed: int = 0,
+                lr: float = 0.1, weight_decay: float = 5e-4) -> float:
+    """Train ``model`` in place for ``steps`` SGD steps on ``task`` (cosine LR, the task's augmented
+    batches); return its validation objective."""
     torch.manual_seed(seed)
     model.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    loader = data.loader("train", batch_size, device, shuffle=True, augment=True, generator=gen,
-                         drop_last=len(data.train) > batch_size)
-    train_steps(model, loader.infinite(), steps, lr, weight_decay=weight_decay)
-    acc, _ = score(model, data.loader("val", 1000, device))
-    return acc
+    task = task.to(device)
+    train_steps(model, task, task.train_batches(seed, augment=True), steps, lr, weight_decay=weight_decay)
+    return task.score(model.eval(), "val")[task.metric]
 
 
-def pretrained_path(model_name: str, dataset: str, steps: int, seed: int) -> Path:
-    tag = hashlib.sha1(f"{model_name}|{dataset}|{steps}|{seed}".encode()).hexdigest()[:10]
+def pretrained_path(model_name: str, task: Task, steps: int, seed: int) -> Path:
+    identity = json.dumps(task.identity(), sort_keys=True, default=str)
+    tag = hashlib.sha1(f"{model_name}|{task.name}|{steps}|{seed}|{identity}".encode()).hexdigest()[:10]
     safe = model_name.replace(":", "_").replace("/", "_")
-    return cache_dir() / f"{safe}-{dataset}-{steps}steps-seed{seed}-{tag}.pt"
+    return cache_dir() / f"{safe}-{task.name}-{steps}steps-seed{seed}-{tag}.pt"
 
 
-def load_or_train(model: nn.Module, model_name: str, data: DatasetSplits, steps: int, *,
+def load_or_train(model: nn.Module, model_name: str, task: Task, steps: int, *,
                   device: torch.device, seed: int = 0, log=print) -> Path:
-    """Load the cached weights for (model, dataset, steps, seed), training and caching them first
+    """Load the cached weights for (model, task, steps, seed), training and caching them first
     when absent. The file is written atomically, so an interrupted run leaves no broken cache."""
-    path = pretrained_path(model_name, data.name, steps, seed)
+    path = pretrained_path(model_name, task, steps, seed)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.to(device)
         return path
-    log(f"training {model_name} on {data.name} for {steps} steps (once; cached at {path})")
-    acc = train_model(model, data, steps, device=device, seed=seed)
-    log(f"trained: validation accuracy {acc:.2%}")
+    log(f"training {model_name} on {task.name} for {steps} steps (once; cached at {path})")
+    value = train_model(model, task, steps, device=device, seed=seed)
+    log(f"trained: validation {task.metric} {task.format(value)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)

@@ -8,7 +8,6 @@ from rich.table import Table
 
 from autoprune.agents import Reporter
 from autoprune.budget import Budget, format_amount
-from autoprune.evaluator import Evaluation
 
 
 class ProgressReporter(Reporter):
@@ -28,15 +27,9 @@ class ProgressReporter(Reporter):
         self.task = self.progress.add_task("search", total=total, completed=min(done, total or done),
                                            status="resumed" if done else "")
 
-    def advance(self, result: Evaluation | None, feasible: bool, best: float | None) -> None:
+    def advance(self, status: str) -> None:
         if self.progress is None:
             return
-        if result is None:
-            status = "candidate failed"
-        else:
-            status = f"last {result.accuracy:.2%}{'' if feasible else ' (infeasible)'}"
-        if best is not None:
-            status += f" | best feasible {best:.2%}"
         self.progress.update(self.task, advance=1, status=status)
 
     def message(self, text: str) -> None:
@@ -56,7 +49,7 @@ def _ratio(pruned: float | None, base: float | None) -> str:
 
 
 def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
-    """Unpruned vs best: accuracy, FLOPs (MACs), params, latency, with the kept fraction."""
+    """Unpruned vs best: the task's objective, FLOPs (MACs), params, latency, with the kept fraction."""
     st = outcome.study
     title = (f"study {st.study_name}: {outcome.new_trials} new trial(s) in {outcome.seconds:.1f} s, "
              f"budget {', '.join(str(b) for b in budgets)}")
@@ -71,12 +64,11 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
         console.print(table)
         return
 
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2%}"
-
-    table.add_row("val accuracy", pct(base_val.accuracy), pct(best.accuracy), "")
+    fmt = _formatter(st)
+    metric = best.metric
+    table.add_row(f"val {metric}", fmt(base_val.score), fmt(best.score), "")
     if base_test is not None and best_test is not None:
-        table.add_row("test accuracy", pct(base_test.accuracy), pct(best_test.accuracy), "")
+        table.add_row(f"test {metric}", fmt(base_test.score), fmt(best_test.score), "")
     masked = best.flops_dense is not None  # weight masks: effective figures, and the dense shapes beside
     effective = ", effective" if masked else ""
     table.add_row(f"FLOPs (MACs){effective}", format_amount("flops", base_val.flops),
@@ -97,7 +89,7 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
                       _ratio(p_lat, b_lat))
     table.add_row("fine-tune steps", "-", str(best.finetune_steps), "")
     console.print(table)
-    settings = st.user_attrs.get("settings", {})
+    settings = _config(st)
     if masked:
         granularity = settings.get("granularity", "masked")
         console.print(f"{granularity} masks: budgets are judged on the effective figures; dense kernels run at "
@@ -111,78 +103,77 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
 # -- the study report: PNG plots and one HTML page ------------------------------------------------
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both axes (fewer FLOPs, higher accuracy)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+def _config(study) -> dict:
+    """The search configuration a study recorded (``settings`` in studies of earlier versions)."""
+    return study.user_attrs.get("config", study.user_attrs.get("settings", {}))
+
+
+def _metric(study) -> tuple[str, float]:
+    """The objective's name and sign (+1 maximised, -1 minimised) of a study."""
+    import optuna
+
+    base = study.user_attrs.get("base", {})
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return base.get("metric", "accuracy"), sign
+
+
+def _formatter(study):
+    """How the study's objective reads: a percentage for fractions such as accuracy."""
+    from autoprune.task import FRACTION_METRICS
+
+    metric, _ = _metric(study)
+
+    def fmt(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.2%}" if metric.lower() in FRACTION_METRICS else f"{value:.4g}"
+
+    return fmt
+
+
+def pareto_front(points: list[tuple[float, float]], sign: float = 1.0) -> list[int]:
+    """Indices of the points no other point beats on both axes: fewer FLOPs, and a better objective
+    (higher when ``sign`` is +1, lower when -1)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
     front, best = [], float("-inf")
     for i in order:
-        if points[i][1] > best:
+        if sign * points[i][1] > best:
             front.append(i)
-            best = points[i][1]
+            best = sign * points[i][1]
     return front
 
 
 def _trial_rows(study) -> list[dict]:
-    from autoprune.study import completed
+    from autoprune.study import completed, score_of
 
     rows = []
     for t in completed(study):
         a = t.user_attrs
-        rows.append({"number": t.number, "accuracy": a["accuracy"], "flops_ratio": a["flops_ratio"],
+        rows.append({"number": t.number, "score": score_of(t), "flops_ratio": a["flops_ratio"],
                      "params_ratio": a["params_ratio"], "feasible": bool(a.get("feasible")),
                      "agent": a.get("agent", "?"), "policy": a["policy"]})
     return rows
 
 
-def related_studies(study, storage: str) -> list:
-    """Studies in ``storage`` for the same model, dataset and budgets (one per agent, say)."""
+def related_studies(study, storage) -> list:
+    """Studies in ``storage`` for the same model, task and budgets (one per agent, say)."""
     import optuna
 
+    from autoprune.study import open_storage
+
+    storage = open_storage(storage)
     model = study.user_attrs.get("model", {})
-    budgets = study.user_attrs.get("settings", {}).get("budgets")
+    budgets = _config(study).get("budgets")
     out = []
     for summary in optuna.get_all_study_summaries(storage):
         attrs = summary.user_attrs
         if (attrs.get("model", {}).get("name"), attrs.get("model", {}).get("dataset")) != (
                 model.get("name"), model.get("dataset")):
             continue
-        if attrs.get("settings", {}).get("budgets") != budgets:
+        if attrs.get("config", attrs.get("settings", {})).get("budgets") != budgets:
             continue
         out.append(optuna.load_study(study_name=summary.study_name, storage=storage))
     return out
-
-
-def uniform_ratios(study, names: list[str]) -> dict[str, float] | None:
-    """The uniform policy at the study's budget, from the analytic cost model of its model."""
-    import torch
-
-    from autoprune.budget import parse_budget
-    from autoprune.models import build_model
-    from autoprune.space import Space, shift_to_fit
-
-    info = study.user_attrs.get("model", {})
-    settings = study.user_attrs.get("settings", {})
-    try:
-        model = build_model(info["name"], info["in_channels"], info["num_classes"], info["image_size"])
-    except Exception:
-        return None
-    space = Space.from_model(model.eval(), torch.zeros(1, info["in_channels"], info["image_size"],
-                                                       info["image_size"]), ignore=settings.get("ignore", ()))
-    budgets = [parse_budget(resource, text) for resource, text in settings.get("budget_args", {}).items()
-               if resource in ("flops", "params")]
-    if not budgets:
-        return None
-    base = {"flops": space.base_flops, "params": space.base_params}
-
-    def fits(ratios):
-        cost = space.cost(ratios)
-        return all(b.holds(cost[b.resource], base[b.resource]) for b in budgets)
-
-    fitted = shift_to_fit({}, space.names, fits, settings.get("max_ratio", 0.9))
-    if fitted is None:
-        return None
-    ratio = max(fitted.values(), default=0.0)
-    return {n: ratio for n in names}
 
 
 def _finish(fig, ax, path, xlabel: str | None, ylabel: str, title: str, legend_loc: str = "best"):
@@ -200,7 +191,7 @@ def _finish(fig, ax, path, xlabel: str | None, ylabel: str, title: str, legend_l
 
 
 def sensitivity_plot(study, storage: str, path):
-    """The per-group curves of a sensitivity scan (accuracy drop vs ratio removed, one panel per group:
+    """The per-group curves of a sensitivity scan (drop of the objective vs ratio removed, one panel per group:
     the probes, their monotone envelope, and the threshold and ratio the search chose), for the study
     of a ``sensitivity`` search or for a scan study itself; None when ``study`` is neither."""
     import math
@@ -220,7 +211,7 @@ def sensitivity_plot(study, storage: str, path):
     except InputError:
         return None
     chosen = study.user_attrs.get("sensitivity", {}) if name is not None else {}
-    drops = scan_drops(scan)
+    drops = scan_drops(scan, _metric(scan)[1])
     if chosen.get("scan_ratios"):  # the ratios the search used, of all those the scan holds
         keep = {round(r, 6) for r in chosen["scan_ratios"]}
         drops = {g: {r: d for r, d in by.items() if r in keep} for g, by in drops.items()}
@@ -252,13 +243,14 @@ def sensitivity_plot(study, storage: str, path):
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=len(labels))
+    metric, _ = _metric(scan)
     title = f"sensitivity scan {scan.study_name}"
     if threshold is not None:
-        title += (f"\nthreshold: accuracy drop {100 * threshold:.2f} points "
-                  f"(unpruned {100 * chosen['baseline_accuracy']:.2f}%)")
+        baseline = chosen.get("baseline_score", chosen.get("baseline_accuracy"))
+        title += f"\nthreshold: a drop of {100 * threshold:.2f} points of {metric} (unpruned {100 * baseline:.2f})"
     fig.suptitle(title, fontsize=9, x=0.02, ha="left")
     fig.supxlabel("fraction of the group's channels removed (the group alone)", fontsize=8)
-    fig.supylabel("validation accuracy drop (points; linear up to 1, then log)", fontsize=8)
+    fig.supylabel(f"validation {metric} drop (points; linear up to 1, then log)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -266,7 +258,8 @@ def sensitivity_plot(study, storage: str, path):
 
 
 def write_report(study, storage: str, out_dir) -> list:
-    """Write ``accuracy_vs_flops.png``, ``ratios.png``, ``agents.png`` (when several agents' studies
+    """Write ``<metric>_vs_flops.png`` (``accuracy_vs_flops.png`` for a classifier), ``ratios.png``,
+    ``agents.png`` (when several agents' studies
     share the model and budget), ``sensitivity.png`` (for a sensitivity search or scan) and ``index.html``
     into ``out_dir``; return the files written."""
     import html
@@ -286,28 +279,34 @@ def write_report(study, storage: str, out_dir) -> list:
     rows = _trial_rows(study)
     if not rows:
         raise InputError(f"study {study.study_name!r} has no completed trial to report")
-    budgets = study.user_attrs.get("settings", {}).get("budgets", [])
-    flops_budget = next((b for b in budgets if b.startswith("flops <= ") and b.endswith("%")), None)
+    config = _config(study)
+    budgets = config.get("budgets")
+    if not isinstance(budgets, dict):  # a study of an earlier version: display strings beside budget_args
+        budgets = config.get("budget_args") or {}
+    flops_budget = _fraction(budgets.get("flops"))
+    metric, sign = _metric(study)
+    fmt = _formatter(study)
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     feas = [r for r in rows if r["feasible"]]
     infeas = [r for r in rows if not r["feasible"]]
-    ax.scatter([r["flops_ratio"] for r in infeas], [r["accuracy"] for r in infeas], c="lightgray",
+    ax.scatter([r["flops_ratio"] for r in infeas], [r["score"] for r in infeas], c="lightgray",
                label="infeasible", s=18)
-    ax.scatter([r["flops_ratio"] for r in feas], [r["accuracy"] for r in feas], c="tab:blue",
+    ax.scatter([r["flops_ratio"] for r in feas], [r["score"] for r in feas], c="tab:blue",
                label="feasible", s=18)
     if feas:
-        front = pareto_front([(r["flops_ratio"], r["accuracy"]) for r in feas])
-        pts = sorted((feas[i]["flops_ratio"], feas[i]["accuracy"]) for i in front)
+        front = pareto_front([(r["flops_ratio"], r["score"]) for r in feas], sign)
+        pts = sorted((feas[i]["flops_ratio"], feas[i]["score"]) for i in front)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", c="tab:red", ms=5, label="feasible Pareto front")
     if flops_budget:
-        ax.axvline(float(flops_budget.split("<= ")[1].rstrip("%")) / 100, ls="--", c="k", lw=1, label="budget")
-    base_acc = study.user_attrs.get("base", {}).get("accuracy")
-    if base_acc is not None:
-        ax.axhline(base_acc, ls=":", c="tab:green", lw=1, label="unpruned")
-    written.append(_finish(fig, ax, out / "accuracy_vs_flops.png", "FLOPs kept (fraction of the unpruned model)",
-                           "validation accuracy", study.study_name))
+        ax.axvline(flops_budget, ls="--", c="k", lw=1, label="budget")
+    base = study.user_attrs.get("base", {})
+    base_score = base.get("score", base.get("accuracy"))
+    if base_score is not None:
+        ax.axhline(base_score, ls=":", c="tab:green", lw=1, label="unpruned")
+    written.append(_finish(fig, ax, out / f"{metric}_vs_flops.png", "FLOPs kept (fraction of the unpruned model)",
+                           f"validation {metric}", study.study_name))
 
     best = None
     try:
@@ -316,7 +315,8 @@ def write_report(study, storage: str, out_dir) -> list:
         pass
     if best is not None:
         names = list(best.ratios)
-        uniform = uniform_ratios(study, names)
+        ratio = study.user_attrs.get("uniform_ratio")
+        uniform = dict.fromkeys(names, ratio) if ratio is not None else None
         fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4.5))
         xs = range(len(names))
         width = 0.4 if uniform else 0.8
@@ -342,31 +342,32 @@ def write_report(study, storage: str, out_dir) -> list:
             if not orows:
                 continue
             agent = orows[0]["agent"]
-            ax.scatter([r["flops_ratio"] for r in orows], [r["accuracy"] for r in orows], s=16, label=agent)
-            top = max(orows, key=lambda r: r["accuracy"])
-            table_rows.append((agent, other.study_name, len(_trial_rows(other)), top["accuracy"], top["flops_ratio"]))
-        written.append(_finish(fig, ax, out / "agents.png", "FLOPs kept", "validation accuracy",
+            ax.scatter([r["flops_ratio"] for r in orows], [r["score"] for r in orows], s=16, label=agent)
+            top = max(orows, key=lambda r: sign * r["score"])
+            table_rows.append((agent, other.study_name, len(_trial_rows(other)), top["score"], top["flops_ratio"]))
+        written.append(_finish(fig, ax, out / "agents.png", "FLOPs kept", f"validation {metric}",
                                "agents side by side (feasible trials)"))
 
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(study.study_name)}</title>"
              "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>",
              f"<h1>{html.escape(study.study_name)}</h1>",
-             f"<p>{len(rows)} completed trials, {len(feas)} feasible; budget: {html.escape(', '.join(budgets))}</p>"]
+             f"<p>{len(rows)} completed trials, {len(feas)} feasible; budget: "
+             f"{html.escape(', '.join(f'{k} {v}' for k, v in budgets.items()))}</p>"]
     if best is not None:
         m = best.metrics
         parts.append(f"<h2>Best feasible policy (trial {best.search.get('trial')})</h2><table>"
-                     f"<tr><th>validation accuracy</th><td>{m['accuracy']:.2%}</td></tr>"
+                     f"<tr><th>validation {html.escape(metric)}</th><td>{fmt(m['score'])}</td></tr>"
                      f"<tr><th>FLOPs kept</th><td>{m['flops_ratio']:.1%}</td></tr>"
                      f"<tr><th>params kept</th><td>{m['params_ratio']:.1%}</td></tr></table>")
     for f in written:
         parts.append(f"<h2>{f.stem.replace('_', ' ')}</h2><img src='{f.name}' style='max-width:100%'>")
     if table_rows:
         parts.append("<h2>Agents</h2><table><tr><th>agent</th><th>study</th><th>trials</th>"
-                     "<th>best feasible accuracy</th><th>its FLOPs kept</th></tr>")
-        for agent, name, n, acc, fr in table_rows:
+                     f"<th>best feasible {html.escape(metric)}</th><th>its FLOPs kept</th></tr>")
+        for agent, name, n, value, fr in table_rows:
             parts.append(f"<tr><td>{html.escape(agent)}</td><td>{html.escape(name)}</td><td>{n}</td>"
-                         f"<td>{acc:.2%}</td><td>{fr:.1%}</td></tr>")
+                         f"<td>{fmt(value)}</td><td>{fr:.1%}</td></tr>")
         parts.append("</table>")
     if best is not None:
         parts.append("<h2>Policy JSON</h2><pre>" + html.escape(json.dumps(best.to_dict(), indent=2)) + "</pre>")
@@ -374,3 +375,17 @@ def write_report(study, storage: str, out_dir) -> list:
     (out / "index.html").write_text("\n".join(parts))
     written.append(out / "index.html")
     return written
+
+
+def _fraction(text) -> float | None:
+    """A budget's kept fraction, when it is one (``50%``, ``0.5``, ``2x``), for the plots' budget line."""
+    from autoprune.budget import parse_budget
+    from autoprune.errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return parse_budget("flops", text).fraction
+    except InputError:
+        return None
+

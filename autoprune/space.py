@@ -16,6 +16,7 @@ import fnmatch
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -23,6 +24,7 @@ from torch import nn
 
 from autoprune.cost import count_flops, count_params
 from autoprune.errors import InputError
+from autoprune.inputs import call, first_sample, map_tensors
 
 
 def keep_count(channels: int, ratio: float) -> int:
@@ -65,28 +67,29 @@ class _Term:
 
 
 class Space:
-    """Prunable groups of ``model`` for inputs shaped like ``example_input``.
+    """Prunable groups of ``model`` for inputs like ``example_inputs`` (a tensor, a tuple or a dict, by
+    torch-pruning's convention: see :mod:`autoprune.inputs`).
 
     Use :meth:`from_model`. ``groups`` lists every group in a stable order (pinned ones included,
     flagged); ``names`` are the searchable (unpinned) ones, the keys of a policy's ratios.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignore: Iterable[str] = ()) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> None:
         self.model = model
-        self.example_input = example_input[:1].detach()
+        self.example_inputs = map_tensors(first_sample(example_inputs), lambda t: t.detach())
         model.eval()
-        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input)
+        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs, forward_fn=call)
         self.module_names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
         self._build(list(ignore))
 
     @classmethod
-    def from_model(cls, model: nn.Module, example_input: torch.Tensor, ignore: Iterable[str] = ()) -> Space:
-        return cls(model, example_input, ignore)
+    def from_model(cls, model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Space:
+        return cls(model, example_inputs, ignore)
 
     # -- construction -------------------------------------------------------------------------
     def _build(self, ignore: list[str]) -> None:
-        shapes = _output_shapes(self.model, self.example_input)
+        shapes = _io_shapes(self.model, self.example_inputs)
         order = list(shapes)  # execution order of conv/linear layers
         weighted = [n for n in order if isinstance(self.modules[n], (nn.modules.conv._ConvNd, nn.Linear))]
         if not weighted:
@@ -167,7 +170,7 @@ class Space:
             is_layer = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
             if not (is_layer or (in_graph and own)):
                 continue
-            term = _make_term(n, m, shapes.get(n))
+            term = _make_term(n, m, *shapes.get(n, (None, None)))
             for gi, is_out, mult in member_of.get(n, []):
                 target = term.out_terms if (is_out or term.kind == "depthwise") else term.in_terms
                 if all(g != gi for g, _ in target):
@@ -177,7 +180,7 @@ class Space:
         self._const_params = count_params(self.model) - tracked_params
 
         zeros = [0.0] * len(self.groups)
-        self.base_flops = count_flops(self.model, self.example_input)
+        self.base_flops = count_flops(self.model, self.example_inputs)
         self.base_params = count_params(self.model)
         predicted = self._flops_removed(zeros)
         if abs(predicted - self.base_flops) > 0.5:
@@ -261,7 +264,7 @@ class Space:
         """The conv and linear layers of the cost model, in execution order, with the groups that set
         their input and output channels and the shapes they see (for per-layer latency tables)."""
         if getattr(self, "_layers", None) is None:
-            shapes = _io_shapes(self.model, self.example_input)
+            shapes = _io_shapes(self.model, self.example_inputs)
             names = [g.name for g in self.groups]
             terms = {t.name: t for t in self._terms if t.kind in ("conv", "depthwise", "linear")}
             self._layers = [
@@ -308,7 +311,7 @@ class Layer:
 
 
 @torch.no_grad()
-def _io_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+def _io_shapes(model: nn.Module, x: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """(input shape, output shape) of the first call of every conv and linear layer, in execution order."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     handles = []
@@ -320,7 +323,7 @@ def _io_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple[int, 
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        call(model, x)
     finally:
         model.train(was_training)
         for h in handles:
@@ -343,11 +346,14 @@ def _describe(m: nn.Module) -> tuple[str, int, int, int]:
     return type(m).__name__, 1, 1, 0
 
 
-def _make_term(name: str, m: nn.Module, out_shape: tuple[int, ...] | None) -> _Term:
+def _make_term(name: str, m: nn.Module, in_shape: tuple[int, ...] | None,
+               out_shape: tuple[int, ...] | None) -> _Term:
     params_full = sum(p.numel() for p in m.parameters(recurse=False))
     if isinstance(m, nn.modules.conv._ConvNd):
         kernel = math.prod(m.kernel_size)
-        positions = math.prod(out_shape[2:]) if out_shape else 0
+        # every weight runs once per output position, or per input position for a transposed conv
+        shape = in_shape if m.transposed else out_shape
+        positions = math.prod(shape[2:]) if shape else 0
         depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
         if depthwise:
             return _Term(name, "depthwise", m.out_channels, m.in_channels, kernel * positions, kernel,
@@ -362,50 +368,3 @@ def _make_term(name: str, m: nn.Module, out_shape: tuple[int, ...] | None) -> _T
     channels = getattr(m, "num_features", None) or getattr(m, "num_channels", None) or params_full
     kind = "norm" if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) else "other"
     return _Term(name, kind, int(channels), 0, 0.0, 0.0, False, params_full)
-
-
-@torch.no_grad()
-def _output_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Output shape of every conv and linear layer, in execution order."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            def hook(mod, inp, out, name=name):
-                shapes.setdefault(name, tuple(out.shape))
-            handles.append(m.register_forward_hook(hook))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-def shift_to_fit(
-    ratios: Mapping[str, float],
-    names: Iterable[str],
-    fits,
-    max_ratio: float,
-    tol: float = 1e-4,
-) -> dict[str, float] | None:
-    """Shift every ratio by one common amount, clipped to [0, ``max_ratio``], to the least pruning for
-    which ``fits(ratios)`` holds (``fits`` must be monotone in the shift); None when even ``max_ratio``
-    everywhere does not fit. From all-zero ratios this is the tightest uniform ratio."""
-    names = list(names)
-
-    def shifted(t: float) -> dict[str, float]:
-        return {n: min(max_ratio, max(0.0, ratios.get(n, 0.0) + t)) for n in names}
-
-    if fits(shifted(-1.0)):
-        return shifted(-1.0)
-    if not fits(shifted(1.0)):
-        return None
-    lo, hi = -1.0, 1.0  # lo does not fit, hi fits
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if fits(shifted(mid)):
-            hi = mid
-        else:
-            lo = mid
-    return shifted(hi)

@@ -1,18 +1,21 @@
-"""The training steps every part shares: fine-tuning (with optional distillation), adaptive BN
-recalibration and scoring. Kept in one place so that the evaluator, pretraining, ``apply`` and the
-agents run exactly the same loop."""
+"""The training steps every part shares: fine-tuning (with optional distillation) and adaptive BN
+recalibration, both through a :class:`~autoprune.task.Task`. Kept in one place so that the evaluator,
+pretraining, ``apply`` and the agents run exactly the same loop."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import CandidateError
+
+if TYPE_CHECKING:
+    from autoprune.task import Task
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -22,9 +25,15 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def train_steps(
     model: nn.Module,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    task: Task,
+    batches: Iterator[Any],
     steps: int,
     lr: float,
     *,
@@ -37,15 +46,16 @@ def train_steps(
     amp: bool = False,
     params: list[torch.nn.Parameter] | None = None,
 ) -> float:
-    """Run ``steps`` SGD steps (momentum, weight decay, cosine or constant LR); return the last loss.
+    """Run ``steps`` SGD steps (momentum, weight decay, cosine or constant LR) on ``task.loss``; return
+    the last loss.
 
-    With a ``teacher`` and ``distill`` > 0 the loss is ``(1 - distill) * CE + distill * T^2 *
-    KL(student_T || teacher_T)`` (Hinton et al., 2015). A non-finite loss raises
+    With a ``teacher`` and ``distill`` > 0 the loss is ``(1 - distill) * task.loss + distill *
+    task.distill_loss(student, teacher, T)`` (Hinton et al., 2015). A non-finite loss raises
     :class:`CandidateError`, so one diverging candidate does not end a search.
     """
     if steps <= 0:
         return float("nan")
-    device = next(model.parameters()).device
+    device = model_device(model)
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if schedule == "cosine":
@@ -56,20 +66,14 @@ def train_steps(
     if teacher is not None:
         teacher.eval()
     last = torch.zeros((), device=device)
-    for step, (x, y) in zip(range(steps), batches):
+    for step, batch in zip(range(steps), batches):
         with autocast(device, amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            output = task.forward(model, batch)
+            loss = task.loss(output, batch)
             if teacher is not None and distill > 0:
                 with torch.no_grad():
-                    soft = teacher(x)
-                kd = F.kl_div(
-                    F.log_softmax(logits.float() / temperature, dim=1),
-                    F.log_softmax(soft.float() / temperature, dim=1),
-                    reduction="batchmean",
-                    log_target=True,
-                ) * temperature**2
-                loss = (1 - distill) * loss + distill * kd
+                    soft = task.forward(teacher, batch)
+                loss = (1 - distill) * loss + distill * task.distill_loss(output, soft, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -85,8 +89,7 @@ def train_steps(
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int,
-                   amp: bool = False) -> None:
+def recalibrate_bn(model: nn.Module, task: Task, batches: Iterator[Any], n: int, amp: bool = False) -> None:
     """Adaptive BN (Li et al., EagleEye, ECCV 2020): re-estimate BatchNorm statistics of a pruned
     model from ``n`` training batches, the zero-training proxy of its accuracy."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -97,29 +100,12 @@ def recalibrate_bn(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches, not an exponential one
     model.train()
-    device = next(model.parameters()).device
-    with autocast(device, amp):
-        for _, (x, _y) in zip(range(n), batches):
-            model(x)
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    model.eval()
-
-
-@torch.no_grad()
-def score(model: nn.Module, batches, amp: bool = False) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) over every batch of ``batches``."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    loss_sum = torch.zeros((), device=device)
-    n = 0
-    with autocast(device, amp):
-        for x, y in batches:
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            n += len(y)
-    if n == 0:
-        return float("nan"), float("nan")
-    return float(correct) / n, float(loss_sum) / n
+    device = model_device(model)
+    try:
+        with autocast(device, amp):
+            for _, batch in zip(range(n), batches):
+                task.forward(model, batch)
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.eval()

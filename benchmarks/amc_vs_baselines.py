@@ -17,7 +17,7 @@ import time
 import torch
 
 import autoprune.agents.amc  # noqa: F401  (registers the agent)
-from autoprune.budget import parse_budget
+from autoprune.config import SearchConfig, SourceConfig
 from autoprune.runner import prepare, run_search
 
 
@@ -30,23 +30,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    setup = prepare(device="cpu", log=lambda s: None)
-    budgets = [parse_budget("flops", args.budget)]
+    setup = prepare(SourceConfig(), device="cpu", log=lambda s: None)
     runs = [("uniform", {}, 1), ("random", {}, args.trials), ("amc", {"warmup": args.warmup}, args.trials)]
     rows = []
     storage = f"sqlite:///{tempfile.mkdtemp(prefix='amc-bench-')}/bench.db"
     for agent, options, trials in runs:
         t0 = time.perf_counter()
         chosen = {k: v for k, v in options.items() if v is not None}
-        out = run_search(setup, budgets, agent=agent, agent_options=chosen, storage=storage,
-                         study=f"bench-{agent}", trials=trials, seed=args.seed, device="cpu")
+        config = SearchConfig(agent=agent, budgets={"flops": args.budget}, agent_options=chosen, storage=storage,
+                              study=f"bench-{agent}", trials=trials, seed=args.seed, device="cpu")
+        out = run_search(setup.model, setup.task, config, info=setup.info)
         wall = time.perf_counter() - t0
         base_flops = float(out.study.user_attrs["base"]["flops"])
-        rows.append((agent, out.best.accuracy, out.best_test.accuracy, out.best.flops / base_flops,
+        rows.append((agent, out.best.score, out.best_test.score, out.best.flops / base_flops,
                      out.new_trials, wall))
 
     print(f"ResNet-20 on digits, FLOPs budget {args.budget}, seed {args.seed}; unpruned val accuracy "
-          f"{out.baseline_val.accuracy:.4f}, test accuracy {out.baseline_test.accuracy:.4f}\n")
+          f"{out.baseline_val.score:.4f}, test accuracy {out.baseline_test.score:.4f}\n")
     print("| agent | val accuracy | test accuracy | FLOPs ratio | evaluations | wall time (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for agent, val, test, ratio, n, wall in rows:

@@ -6,7 +6,7 @@ differs. Each pruned model gets the evaluator's adaptive BN, then the same fine-
 reported right after adaptive BN (no fine-tune) and after ``--finetune-steps`` steps, on the
 validation and test splits, with the seconds the criterion's scores took (statistics included).
 
-    .venv/bin/python benchmarks/criteria.py [--finetune-steps 100] [--budget 50%] [--granularity channel]
+    .venv/bin/python benchmarks/criteria.py [--finetune-steps 100] [--budget 50%] [--criteria l1,taylor]
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from autoprune.budget import parse_budget
+from autoprune.budget import Budgets, parse_budget
+from autoprune.config import SearchConfig, SourceConfig
 from autoprune.pruning.criteria import CRITERIA
 from autoprune.runner import make_evaluator, prepare
-from autoprune.space import shift_to_fit
 
 
 def main() -> None:
@@ -28,14 +28,14 @@ def main() -> None:
     p.add_argument("--model", default="resnet20")
     args = p.parse_args()
 
-    setup = prepare(args.model, "digits", device="cpu")
+    setup = prepare(SourceConfig(model=args.model, dataset="digits"), device="cpu")
     budget = parse_budget("flops", args.budget)
     rows = []
     for name in args.criteria.split(","):
-        ev = make_evaluator(setup, device="cpu", criterion=name)
+        settings = SearchConfig(budgets={"flops": args.budget}, criterion=name, device="cpu").to_dict()
+        ev = make_evaluator(setup.model, setup.task, settings, device="cpu", info=setup.info)
         base = ev.space.base_flops
-        space = ev.space
-        ratios = shift_to_fit({}, space.names, lambda r, s=space: budget.holds(s.flops(r), s.base_flops), 0.9)
+        ratios = Budgets([budget], ev, max_ratio=0.9).fit()  # the tightest uniform ratio
         policy = ev.policy(ratios)
         t0 = time.perf_counter()
         ev.pruner.scores(name)
@@ -43,7 +43,7 @@ def main() -> None:
         zero = ev.evaluate(policy, 0)
         tuned = ev.evaluate(policy, args.finetune_steps)
         test = ev.measure(ev.build(policy, args.finetune_steps), "test", args.finetune_steps)
-        rows.append((name, zero.flops / base, zero.accuracy, tuned.accuracy, test.accuracy, scoring))
+        rows.append((name, zero.flops / base, zero.score, tuned.score, test.score, scoring))
         print(f"{name}: done", flush=True)
     ratio = max(ratios.values())
     print(f"\n{args.model} on digits, uniform ratio {ratio:.3f} ({args.budget} FLOPs), "

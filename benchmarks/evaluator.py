@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from autoprune.config import SearchConfig, SourceConfig
 from autoprune.runner import make_evaluator, prepare
 
 
@@ -95,9 +96,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    setup = prepare(args.model, "digits", device=args.device)
-    amp = {"auto": "auto", "on": True, "off": False}[args.amp]
-    ev = make_evaluator(setup, device=args.device, bn_batches=20, amp=amp)
+    setup = prepare(SourceConfig(model=args.model, dataset="digits"), device=args.device)
+    config = SearchConfig(budgets={"flops": "50%"}, bn_batches=20, device=args.device, amp=args.amp)
+    ev = make_evaluator(setup.model, setup.task, config.to_dict(), device=args.device, amp=config.amp_setting(),
+                        info=setup.info)
     policy = ev.uniform(args.ratio)
     ev.evaluate(policy, args.steps)  # warm-up: importance scores, allocator, kernels
 
@@ -119,7 +121,8 @@ def main() -> None:
 
     def hand_once():
         model = ev.pruner.prune(policy)
-        hand_loop(model, setup.data, ev.device, args.steps, ev.bn_batches, ev.batch_size, ev.finetune_lr, 0)
+        hand_loop(model, setup.task.data, ev.device, args.steps, ev.bn_batches, setup.task.batch_size,
+                  ev.finetune_lr, 0)
 
     # the two sides alternate, so that load that comes and goes on a shared machine hits both alike
     pairs = [(timed_once(evaluator_once), timed_once(hand_once)) for _ in range(args.repeats)]
@@ -144,18 +147,19 @@ def main() -> None:
         print("| agent run | evaluations | wall s | inside evaluate() s | ratio |")
         print("| --- | --- | --- | --- | --- |")
         for agent in agents:
-            n, wall, inside = time_agent(agent, setup, args)
+            n, wall, inside = time_agent(agent, setup, config, args)
             print(f"| {agent} | {n} | {wall:.2f} | {inside:.2f} | {wall / inside:.3f} |")
 
 
-def time_agent(agent: str, setup, args) -> tuple[int, float, float]:
+def time_agent(agent: str, setup, config: SearchConfig, args) -> tuple[int, float, float]:
     """One agent run on a fresh evaluator and in-memory study: (evaluations, wall, seconds inside evaluate)."""
     import optuna
 
-    from autoprune.agents import SearchContext, get_agent
-    from autoprune.budget import parse_budget
+    from autoprune.agents import Limits, SearchContext, get_agent
+    from autoprune.budget import Budgets
+    from autoprune.study import open_study
 
-    ev = make_evaluator(setup, device=args.device, bn_batches=20)
+    ev = make_evaluator(setup.model, setup.task, config.to_dict(), device=args.device, info=setup.info)
     inside = 0.0
     evaluate = ev.evaluate
 
@@ -169,17 +173,19 @@ def time_agent(agent: str, setup, args) -> tuple[int, float, float]:
 
     ev.evaluate = timed_evaluate
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
+    agent_cls = get_agent(agent)
+    study = open_study(f"time-{agent}", None, directions=agent_cls.directions(ev.task),
+                       metric_names=agent_cls.metric_names(ev.task))  # in memory
     if agent == "amc":
         trials, options = args.episodes, {"warmup": max(1, args.episodes // 2)}
     elif agent == "netadapt":  # one iteration: one proposal per group, no long-term fine-tune
         trials, options = len(ev.space.names), {"long_steps": 0, "initial": 0.05}
     else:
         raise SystemExit(f"--agents: no timing recipe for {agent!r} (amc, netadapt)")
-    ctx = SearchContext(ev, [parse_budget("flops", "50%")], study, agent, n_trials=trials, seed=0,
-                        finetune_steps=args.steps)
+    ctx = SearchContext(ev, Budgets(config.budget_list(), ev, config.max_ratio), study, agent,
+                        limits=Limits(trials), seed=0, finetune_steps=args.steps)
     t0 = time.perf_counter()
-    get_agent(agent)(**options).search(ctx)
+    agent_cls(**options).search(ctx)
     wall = time.perf_counter() - t0
     return ev.evaluations, wall, inside
 

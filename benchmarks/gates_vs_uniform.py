@@ -6,7 +6,7 @@ number of steps by the shared evaluator and scored on the validation and test sp
 wall and CPU time are compared with AMC's (default trials). When the AMC agent cannot be imported,
 the random agent with as many evaluations as AMC's default stands in, and the table says so.
 
-    .venv/bin/python benchmarks/gates_vs_uniform.py [--finetune-steps 100] [--amc-trials 100]
+    .venv/bin/python benchmarks/gates_vs_uniform.py [--finetune-steps 100] [--amc-trials 100] [--gates-steps 300]
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ import torch
 os.environ.setdefault("AUTOPRUNE_CACHE", "/tmp/apcache")  # reuse the pretrained default model
 
 import autoprune.agents.gates  # noqa: E402,F401
-from autoprune.agents import SearchContext, get_agent  # noqa: E402
-from autoprune.budget import parse_budget  # noqa: E402
+from autoprune.agents import Limits, SearchContext, get_agent  # noqa: E402
+from autoprune.budget import Budgets, parse_budget  # noqa: E402
+from autoprune.config import SourceConfig  # noqa: E402
 from autoprune.runner import make_evaluator, prepare  # noqa: E402
 from autoprune.study import open_study  # noqa: E402
 
 
 def search(evaluator, agent: str, budget, trials: int | None, **options):
     study = open_study(f"bench-{agent}", None)  # in memory
-    ctx = SearchContext(evaluator, [budget], study, agent, n_trials=trials, seed=0, finetune_steps=0)
+    ctx = SearchContext(evaluator, Budgets([budget], evaluator), study, agent, limits=Limits(trials), seed=0,
+                        finetune_steps=0)
     wall, cpu = time.perf_counter(), time.process_time()
     result = get_agent(agent)(**options).search(ctx)
-    return result, time.perf_counter() - wall, time.process_time() - cpu, ctx.evaluated
+    return result, time.perf_counter() - wall, time.process_time() - cpu, ctx.recorder.written
 
 
 def main() -> None:
@@ -39,10 +41,11 @@ def main() -> None:
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--amc-trials", type=int, default=None, help="default: AMC's default_trials")
     p.add_argument("--budget", default="50%")
+    p.add_argument("--gates-steps", type=int, default=None, help="gate-learning steps per run (default: the agent's)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    setup = prepare(log=lambda m: None, device="cpu")
+    setup = prepare(SourceConfig(), log=lambda m: None, device="cpu")
     budget = parse_budget("flops", args.budget)
     rows = []
     try:
@@ -53,19 +56,22 @@ def main() -> None:
         print(f"(AMC unavailable: {e}; the random agent stands in)")
         amc_name = "random"
     amc_trials = args.amc_trials or (get_agent("amc").default_trials if amc_name == "amc" else 100)
+    gates = {} if args.gates_steps is None else {"steps": args.gates_steps,
+                                                   "snapshot_every": min(25, args.gates_steps)}
     runs = (
         ("uniform", "uniform", 1, {}),
-        ("gates (random weights; l1 picks channels: default)", "gates", None, {}),
-        ("gates (random weights; largest gates kept)", "gates", None, {"keep": "gates"}),
-        ("gates (pretrained weights; largest gates kept)", "gates", None, {"from": "pretrained"}),
+        ("gates (random weights; l1 picks channels: default)", "gates", None, gates),
+        ("gates (random weights; largest gates kept)", "gates", None, {**gates, "keep": "gates"}),
+        ("gates (pretrained weights; largest gates kept)", "gates", None, {**gates, "from": "pretrained"}),
         (amc_name, amc_name, amc_trials, {}),
     )
     for label_, agent, trials, options in runs:
-        evaluator = make_evaluator(setup, device="cpu")  # a fresh cache per agent: nothing shared
+        # a fresh cache per agent: nothing shared
+        evaluator = make_evaluator(setup.model, setup.task, {}, device="cpu", info=setup.info)
         result, wall, cpu, evaluations = search(evaluator, agent, budget, trials, **options)
         tuned_val = evaluator.evaluate(result.policy, args.finetune_steps, "val")
         tuned_test = evaluator.evaluate(result.policy, args.finetune_steps, "test")
-        rows.append((label_, evaluations, result.evaluation.accuracy, tuned_val.accuracy, tuned_test.accuracy,
+        rows.append((label_, evaluations, result.evaluation.score, tuned_val.score, tuned_test.score,
                      tuned_val.flops / evaluator.space.base_flops, wall, cpu))
     amc_wall, amc_cpu = rows[-1][6], rows[-1][7]
     label = "AMC" if amc_name == "amc" else "random (AMC stand-in)"

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 
-import optuna
 import torch
 
-from autoprune.agents import SearchContext
-from autoprune.budget import parse_budget
+from autoprune.budget import Budgets, parse_budget
+from autoprune.config import SourceConfig
 from autoprune.pruning.icepick import IcePick
 from autoprune.runner import make_evaluator, prepare
-from autoprune.training import score
 
 
 def main() -> None:
@@ -40,11 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    setup = prepare(device="cpu", log=lambda m: print(f"<!-- {m} -->"))
-    evaluator = make_evaluator(setup, device="cpu", seed=args.seed)
-    base_val = evaluator.baseline("val").accuracy
-    base_test = evaluator.baseline("test").accuracy
-    test = evaluator.data.loader("test", evaluator.eval_batch_size, evaluator.device)
+    setup = prepare(SourceConfig(), device="cpu", log=lambda m: print(f"<!-- {m} -->"))
+    evaluator = make_evaluator(setup.model, setup.task, {"seed": args.seed}, device="cpu", info=setup.info)
+    base_val = evaluator.baseline("val").score
+    base_test = evaluator.baseline("test").score
     common = {"stages": args.stages, "schedule": "steps", "seed": args.seed}
     methods = {
         "iterative (LR 1e-3, fine-tune every step)": IcePick.iterative(lr=1e-3, finetune_steps=args.steps,
@@ -59,18 +56,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for pruned in (0.4, 0.6):
         budget = parse_budget("params", f"{(1 - pruned) * 100:g}%")
-        ctx = SearchContext(evaluator, [budget], optuna.create_study(), "benchmark")
-        policy = evaluator.policy(ctx.project({}))  # one ratio for every group, as tight as channels allow
+        # one ratio for every group, as tight as channels allow
+        policy = evaluator.policy(Budgets([budget], evaluator).fit())
         reference = None
         for label, pruner in methods.items():
             run = pruner.run(evaluator, policy)
             measured = evaluator.measure(run.model, "val")
-            test_acc, _ = score(run.model, test)
+            test_acc = evaluator.measure(run.model, "test").score
             kept = measured.params / evaluator.space.base_params
             reference = reference or run.seconds
             print(f"| {1 - kept:.1%} | {label} | {sum(s.finetuned for s in run.stages)}/{len(run.stages)} | "
                   f"{run.train_steps} | {run.seconds:.1f} | {run.seconds / reference:.2f} | "
-                  f"{measured.accuracy:.2%} | {test_acc:.2%} |")
+                  f"{measured.score:.2%} | {test_acc:.2%} |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import torch
 
 import autoprune.agents.netadapt  # noqa: F401  (registers the agent)
 from autoprune.agents import SearchContext, get_agent
-from autoprune.budget import parse_budget
+from autoprune.budget import Budgets, parse_budget
+from autoprune.config import SourceConfig
 from autoprune.latency_table import LatencyTable, estimate_error
 from autoprune.models import build_model
 from autoprune.runner import make_evaluator, prepare
@@ -32,9 +33,9 @@ from autoprune.study import open_study
 
 
 def search(setup, agent: str, budget, options: dict, tmp: str):
-    ev = make_evaluator(setup, device="cpu", seed=0)
+    ev = make_evaluator(setup.model, setup.task, {"seed": 0}, device="cpu", info=setup.info)
     study = open_study(agent, f"sqlite:///{tmp}/{agent}.db")
-    ctx = SearchContext(ev, [budget], study, agent, seed=0)
+    ctx = SearchContext(ev, Budgets([budget], ev), study, agent, seed=0)
     t0 = time.perf_counter()
     result = get_agent(agent)(**options).search(ctx)
     return ev, ctx, result, time.perf_counter() - t0
@@ -60,16 +61,16 @@ def main() -> None:
     p.add_argument("--short-steps", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
-    setup = prepare(device="cpu", log=lambda *a: None)
+    setup = prepare(SourceConfig(), device="cpu", log=lambda *a: None)
     budget = parse_budget("flops", args.budget)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         na_opts = {"initial": args.initial, "short_steps": args.short_steps, "long_steps": args.long_steps}
         ev, ctx, res, secs = search(setup, "netadapt", budget, na_opts, tmp)
         final = ev.policy(res.info["final_ratios"])
-        rows.append(("netadapt", final, ev, ctx.evaluated, secs, res.info["final_short_accuracy"]))
+        rows.append(("netadapt", final, ev, ctx.recorder.written, secs, res.info["final_short_score"]))
         uev, uctx, ures, usecs = search(setup, "uniform", budget, {}, tmp)
-        rows.append(("uniform", ures.policy, uev, uctx.evaluated, usecs, ures.evaluation.accuracy))
+        rows.append(("uniform", ures.policy, uev, uctx.recorder.written, usecs, ures.evaluation.score))
         netadapt_policies = [ev.policy(p.ratios).ratios for p in [final]]
 
     steps = args.long_steps
@@ -80,13 +81,13 @@ def main() -> None:
     print("| agent | FLOPs kept | val acc, search proxy | val acc after fine-tune | test acc after fine-tune "
           "| evaluations | search s |")
     print("|---|---|---|---|---|---|---|")
-    base_val = rows[0][2].baseline("val").accuracy
-    base_test = rows[0][2].baseline("test").accuracy
+    base_val = rows[0][2].baseline("val").score
+    base_test = rows[0][2].baseline("test").score
     for name, policy, e, n, s, proxy in rows:
         val = e.evaluate(policy, steps, "val")
         test = e.evaluate(policy, steps, "test")
-        print(f"| {name} | {val.flops / e.space.base_flops:.3f} | {proxy:.4f} | {val.accuracy:.4f} | "
-              f"{test.accuracy:.4f} | {n} | {s:.0f} |")
+        print(f"| {name} | {val.flops / e.space.base_flops:.3f} | {proxy:.4f} | {val.score:.4f} | "
+              f"{test.score:.4f} | {n} | {s:.0f} |")
     print(f"| unpruned | 1.000 | {base_val:.4f} | {base_val:.4f} | {base_test:.4f} | - | - |")
     ratios = rows[0][1].ratios
     print("\nNetAdapt's ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))

@@ -4,6 +4,7 @@ import torch
 from autoprune.data import load_dataset
 from autoprune.models import build_model
 from autoprune.pretrain import train_model
+from autoprune.task import ImageClassificationTask
 
 torch.set_num_threads(2)
 
@@ -23,10 +24,16 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def trained_resnet20(digits):
+def digits_task(digits):
+    """Image classification on digits, the built-in task every evaluator of these tests runs on."""
+    return ImageClassificationTask(digits)
+
+
+@pytest.fixture(scope="session")
+def trained_resnet20(digits, digits_task):
     """A ResNet-20 trained briefly on digits: enough to be far better than chance."""
     model = build_model("resnet20", digits.in_channels, digits.num_classes, digits.image_size)
-    acc = train_model(model, digits, 120, device=torch.device("cpu"))
+    acc = train_model(model, digits_task, 120, device=torch.device("cpu"))
     assert acc > 0.8
     return model.eval()
 

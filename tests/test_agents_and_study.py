@@ -3,31 +3,32 @@
 import optuna
 import pytest
 
-from autoprune.agents import SearchContext, get_agent, list_agents
-from autoprune.budget import parse_budget
-from autoprune.errors import InputError
+from autoprune.agents import Limits, SearchContext, get_agent, list_agents
+from autoprune.budget import Budgets, parse_budget
+from autoprune.config import SearchConfig, SourceConfig
+from autoprune.errors import InputError, ParameterError
 from autoprune.evaluator import Evaluator
 from autoprune.study import best_feasible, best_policy, completed, open_study
 
 
 @pytest.fixture(scope="module")
-def evaluator(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", bn_batches=3, seed=0)
+def evaluator(trained_resnet20, digits_task):
+    return Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=3, seed=0)
 
 
 def context(evaluator, tmp_path, agent, budgets, trials=None, name="s"):
     study = open_study(name, f"sqlite:///{tmp_path}/db.sqlite3")
-    return SearchContext(evaluator, budgets, study, agent, n_trials=trials, seed=1)
+    return SearchContext(evaluator, Budgets(budgets, evaluator), study, agent, limits=Limits(trials), seed=1)
 
 
 def test_registry_lists_the_baselines_and_refuses_unknown_agents():
     assert {"uniform", "random"} <= set(list_agents())
-    with pytest.raises(InputError, match="unknown agent 'nope'.*random.*uniform"):
+    with pytest.raises(ParameterError, match="agent='nope': unknown agent; choose from .*random.*uniform"):
         get_agent("nope")
 
 
 def test_agent_options_are_validated():
-    with pytest.raises(InputError, match="has no option 'warmup'"):
+    with pytest.raises(ParameterError, match="random option warmup=3: no such option; its options: spread"):
         get_agent("random")(warmup=3)
 
 
@@ -69,30 +70,32 @@ def test_random_records_every_candidate_as_a_feasible_trial(evaluator, tmp_path)
         assert a["agent"] == "random" and a["feasible"] is True
         assert a["flops"] <= budget.limit(evaluator.space.base_flops)
         assert set(t.params) == set(evaluator.space.names)
-        assert t.system_attrs["constraints"][0] <= 0
+        assert t.constraints == {"flops": pytest.approx(a["flops"] / budget.limit(evaluator.space.base_flops) - 1)}
+        assert t.constraints["flops"] <= 0
         assert a["flops_ratio"] == pytest.approx(a["flops"] / evaluator.space.base_flops)
-    assert result.evaluation.accuracy == max(t.value for t in trials)
+    assert result.evaluation.score == max(t.value for t in trials)
 
 
 def test_a_second_run_resumes_the_study_without_duplicates(evaluator, tmp_path):
     budget = parse_budget("flops", "50%")
     first = context(evaluator, tmp_path, "random", [budget], trials=2, name="resume")
     get_agent("random")().search(first)
-    fresh = Evaluator(evaluator.model, evaluator.data, device="cpu", bn_batches=3, seed=0)
+    fresh = Evaluator(evaluator.model, evaluator.task, device="cpu", bn_batches=3, seed=0)
     second = context(fresh, tmp_path, "random", [budget], trials=4, name="resume")
     get_agent("random")().search(second)
     trials = completed(second.study)
     assert len(trials) == 4
-    assert second.evaluated == 2  # the first two draws were answered from the study
+    assert second.recorder.written == 2  # the first two draws were answered from the study
+    assert fresh.evaluations == 2
     assert len({t.user_attrs["policy"] for t in trials}) == 4
 
 
 def test_best_feasible_ignores_infeasible_trials(evaluator, tmp_path):
     study = open_study("mixed", f"sqlite:///{tmp_path}/db.sqlite3")
-    strict = SearchContext(evaluator, [parse_budget("flops", "30%")], study, "uniform")
+    strict = SearchContext(evaluator, Budgets([parse_budget("flops", "30%")], evaluator), study, "uniform")
     dense = strict.evaluate(evaluator.uniform(0.1))  # infeasible at 30 %, and more accurate
     sparse = strict.evaluate(evaluator.uniform(0.6))
-    assert dense.accuracy > sparse.accuracy
+    assert dense.score > sparse.score
     best = best_feasible(study)
     assert best.user_attrs["flops_ratio"] <= 0.3 + 1e-9
     policy = best_policy(study)
@@ -100,8 +103,8 @@ def test_best_feasible_ignores_infeasible_trials(evaluator, tmp_path):
     assert policy.search["trial"] == best.number
 
 
-def test_failed_candidate_is_recorded_and_the_search_goes_on(trained_resnet20, digits, tmp_path):
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, finetune_lr=1e9)
+def test_failed_candidate_is_recorded_and_the_search_goes_on(trained_resnet20, digits_task, tmp_path):
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, finetune_lr=1e9)
     ctx = context(ev, tmp_path, "random", [parse_budget("flops", "50%")], trials=2, name="fail")
     ctx.finetune_steps = 60
     get_agent("random")().search(ctx)
@@ -115,7 +118,7 @@ def test_an_agent_refuses_a_study_with_another_number_of_objectives(tmp_path):
 
     storage = f"sqlite:///{tmp_path}/db.sqlite3"
     open_study("two", storage, directions=("maximize", "minimize"))
-    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
-    with pytest.raises(InputError, match="has 2 objective.*records 1"):
-        run_search(setup, [parse_budget("flops", "50%")], agent="random", storage=storage, study="two",
-                   device="cpu", final=False)
+    setup = prepare(SourceConfig(model="resnet20", dataset="digits", pretrain_steps=40), device="cpu")
+    config = SearchConfig(agent="random", budgets={"flops": "50%"}, storage=storage, study="two", device="cpu")
+    with pytest.raises(InputError, match="study 'two' has 2 objective.*agent 'random' records 1"):
+        run_search(setup.model, setup.task, config, info=setup.info, final=False)

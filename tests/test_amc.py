@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import autoprune.agents.amc  # noqa: F401  (registers the agent)
-from autoprune.agents import SearchContext, get_agent
-from autoprune.budget import Budget, parse_budget
+from autoprune.agents import Limits, SearchContext, get_agent
+from autoprune.budget import Budget, Budgets, parse_budget
 from autoprune.cost import count_flops, count_params
 from autoprune.envs import AMC_ENV_ID, FEATURES, AMCEnv, amc_reward
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 from autoprune.evaluator import Evaluator
 from autoprune.models import build_model
 from autoprune.space import keep_count
@@ -25,15 +25,15 @@ MODELS = ["resnet20", "mobilenet_v2", "vgg16_bn", "torchvision:resnet18"]
 
 
 @pytest.fixture(scope="module")
-def evaluator(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", bn_batches=3, seed=0)
+def evaluator(trained_resnet20, digits_task):
+    return Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=3, seed=0)
 
 
 @pytest.fixture(scope="module")
-def spaces(digits):
+def spaces(digits, digits_task):
     """Evaluators of untrained models of every family the core prunes (for cost and clipping only)."""
     return {name: Evaluator(build_model(name, digits.in_channels, digits.num_classes, digits.image_size),
-                            digits, device="cpu") for name in MODELS}
+                            digits_task, device="cpu") for name in MODELS}
 
 
 def random_episode(env, seed):
@@ -95,7 +95,7 @@ def test_every_random_episode_ends_feasible(spaces, model, resources, fractions,
     assert ev.feasible(budgets, ev.cost(ratios))
     if model == "resnet20":  # feasibility on the physically pruned model itself
         pruned = ev.pruner.prune(infos[-1]["policy"])
-        measured = {"flops": count_flops(pruned, ev.example_input), "params": count_params(pruned)}
+        measured = {"flops": count_flops(pruned, ev.example_inputs), "params": count_params(pruned)}
         assert ev.feasible(budgets, measured)
 
 
@@ -136,22 +136,24 @@ def test_unreachable_budget_is_refused_clearly(spaces):
 
 
 def test_reward_is_minus_error_times_log_flops(evaluator):
-    assert amc_reward(0.75, math.e**10) == pytest.approx(-2.5)
-    assert amc_reward(0.75, 1e6, "error") == pytest.approx(-0.25)
-    with pytest.raises(InputError, match="choose from"):
+    # amc_reward takes AMC's Error (1 - accuracy)
+    assert amc_reward(0.25, math.e**10) == pytest.approx(-2.5)
+    assert amc_reward(0.25, 1e6, "error") == pytest.approx(-0.25)
+    with pytest.raises(ParameterError, match="amc option reward='accuracy': choose from error_log_flops, error"):
         amc_reward(0.5, 1e6, "accuracy")
     for kind in ("error_log_flops", "error"):
         env = AMCEnv(evaluator, {"flops": "60%"}, reward=kind)
         reward, infos = random_episode(env, seed=1)
         result = infos[-1]["evaluation"]
         assert result == evaluator.evaluate(infos[-1]["policy"])  # the shared evaluator scored it
-        expected = -(1 - result.accuracy) * (math.log(result.flops) if kind == "error_log_flops" else 1)
+        assert evaluator.task.error(result.score) == pytest.approx(1 - result.metrics["accuracy"])
+        expected = -(1 - result.metrics["accuracy"]) * (math.log(result.flops) if kind == "error_log_flops" else 1)
         assert reward == pytest.approx(expected)
         assert all(i.get("evaluation") is None for i in infos[:-1])
 
 
-def test_latency_budget_clips_with_measured_latency(trained_resnet20, digits, deterministic_latency):
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=1, latency_repeats=3)
+def test_latency_budget_clips_with_measured_latency(trained_resnet20, digits_task, deterministic_latency):
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=1, latency_repeats=3)
     budgets = [parse_budget("flops", "70%"), parse_budget("latency", "50%")]
     env = AMCEnv(ev, budgets, reward="error")
     assert ev.latency  # the environment turned latency measurement on
@@ -169,8 +171,11 @@ def test_agent_options_default_and_validate():
     assert (agent.actor_lr, agent.critic_lr, agent.keep_floor) == (1e-4, 1e-3, 0.2)
     assert agent.warmup_episodes(40) == 10 and agent.warmup_episodes(1000) == 100
     assert amc(warmup=7).warmup_episodes(1000) == 7
-    with pytest.raises(InputError, match="--amc-reward 'accuracy': choose from"):
+    with pytest.raises(ParameterError, match="amc option reward='accuracy': choose from error_log_flops, error") as e:
         amc(reward="accuracy")
+    assert e.value.for_cli() == "--amc-reward accuracy: choose from error_log_flops, error"
+    with pytest.raises(ParameterError, match="amc option warmup=-3: must be an integer >= 0"):
+        amc(warmup=-3)
 
 
 def test_trained_agent_beats_random_actions_on_a_synthetic_reward(spaces):
@@ -200,7 +205,7 @@ def test_trained_agent_beats_random_actions_on_a_synthetic_reward(spaces):
 def test_search_records_one_feasible_trial_per_episode(evaluator, tmp_path):
     budget = parse_budget("flops", "50%")
     study = open_study("amc", f"sqlite:///{tmp_path}/db.sqlite3")
-    ctx = SearchContext(evaluator, [budget], study, "amc", n_trials=6, seed=0)
+    ctx = SearchContext(evaluator, Budgets([budget], evaluator), study, "amc", limits=Limits(6), seed=0)
     result = get_agent("amc")(warmup=3, hidden=32).search(ctx)
     trials = completed(study)
     assert len(trials) == 6 and result.info["episodes"] == 6
@@ -209,4 +214,4 @@ def test_search_records_one_feasible_trial_per_episode(evaluator, tmp_path):
         assert t.user_attrs["agent"] == "amc" and t.user_attrs["feasible"] is True
         assert t.user_attrs["flops"] <= budget.limit(evaluator.space.base_flops)
     assert result.policy is not None
-    assert result.evaluation.accuracy == max(t.value for t in trials)
+    assert result.evaluation.score == max(t.value for t in trials)

@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoprune.budget import all_hold, parse_budget
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 
 
 @pytest.mark.parametrize(
@@ -30,10 +30,13 @@ def test_latency_accepts_times(text, seconds):
 
 @pytest.mark.parametrize("text", ["150%", "0", "-5%", "abc", "", "0%", "1.5", "0.5x", "12Q", "nan", "inf%"])
 def test_bad_budgets_are_refused_with_one_line(text):
-    with pytest.raises(InputError) as e:
+    with pytest.raises(ParameterError) as e:
         parse_budget("flops", text)
+    # the API's words name the setting and the value; the command line's name its flag
     assert "\n" not in str(e.value)
-    assert "--budget-flops" in str(e.value)
+    assert str(e.value).startswith(f"budgets['flops']={text!r}: ")
+    assert "\n" not in e.value.for_cli()
+    assert e.value.for_cli().startswith(f"--budget-flops {text}: ")
 
 
 def test_latency_amount_needs_a_time_unit():

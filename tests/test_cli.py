@@ -35,7 +35,9 @@ def test_search_exports_a_feasible_policy(searched):
     assert policy.metrics["flops"] <= 0.5 * policy.metrics["base"]["flops"]
     assert policy.model["name"] == "resnet20" and policy.model["dataset"] == "digits"
     assert policy.search["agent"] == "random" and policy.search["finetune_steps"] == 10
-    assert 0 <= policy.metrics["test_accuracy"] <= 1
+    assert policy.model["source"]["model"] == "resnet20"  # what worker and apply rebuild the model from
+    assert policy.metrics["metric"] == "accuracy" and policy.metrics["score"] == policy.metrics["accuracy"]
+    assert 0 <= policy.metrics["test_accuracy"] == policy.metrics["test_score"] <= 1
 
 
 def test_export_writes_the_best_trial(searched, capsys, tmp_path):
@@ -80,19 +82,24 @@ def test_listings(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["search", "--budget-flops", "150%"], "outside"),
-        (["search", "--budget-flops", "0"], "outside"),
-        (["search", "--budget-flops", "-5%"], "outside"),
-        (["search", "--budget-flops", "abc"], "not a budget"),
+        (["search", "--budget-flops", "150%"], "--budget-flops 150%: outside (0, 100%]"),
+        (["search", "--budget-flops", "0"], "--budget-flops 0: outside (0, 100%]"),
+        (["search", "--budget-flops", "-5%"], "--budget-flops -5%: outside (0, 100%]"),
+        (["search", "--budget-flops", "abc"], "--budget-flops abc: not a budget"),
         (["search"], "at least one budget"),
-        (["search", "--budget-flops", "50%", "--agent", "nope"], "unknown agent"),
+        (["search", "--budget-flops", "50%", "--agent", "nope"], "--agent nope: unknown agent; choose from"),
         (["search", "--budget-flops", "50%", "--model", "resnet21"], "resnet21"),
         (["search", "--budget-flops", "50%", "--dataset", "imagenet22k"], "imagenet22k"),
         (["search", "--budget-flops", "50%", "--dataset", "cifar10", "--data-root", "/no/such/dir"],
          "does not exist"),
-        (["search", "--budget-flops", "50%", "--criterion", "magic"], "unknown criterion"),
-        (["search", "--budget-flops", "50%", "--random-spread", "0.5", "--agent", "uniform"], "applies to"),
-        (["search", "--budget-flops", "50%", "--trials", "0"], "--trials"),
+        (["search", "--budget-flops", "50%", "--criterion", "magic"], "--criterion magic: unknown criterion"),
+        (["search", "--budget-flops", "50%", "--random-spread", "0.5", "--agent", "uniform"],
+         "--random-spread applies to --agent random"),
+        (["search", "--budget-flops", "50%", "--trials", "0"], "--trials 0: must be an integer >= 1"),
+        (["search", "--budget-flops", "50%", "--finetune-steps", "-1"], "--finetune-steps -1: must be an integer >= 0"),
+        (["search", "--budget-flops", "50%", "--agent", "amc", "--amc-warmup", "-3"],
+         "--amc-warmup -3: must be an integer >= 0"),
+        (["search", "--budget-flops", "50%", "--granularity", "foo"], "--granularity foo: choose channel"),
         (["search", "--no-such-flag"], "unrecognized arguments"),
         (["export", "--study", "nope", "--storage", "sqlite:///{tmp}/x.db", "-o", "{tmp}/p.json"], "no study"),
         (["apply", "{tmp}/missing.json", "-o", "{tmp}/p.pt"], "does not exist"),

@@ -5,21 +5,24 @@ import csv
 import optuna
 import pytest
 
-from autoprune.budget import parse_budget
 from autoprune.cli import main
-from autoprune.compare import COLUMNS, Row, markdown, parse_agents, run_compare, write_tables
-from autoprune.errors import InputError
+from autoprune.compare import COLUMNS, Row, headers, markdown, parse_agents, run_compare, write_tables
+from autoprune.config import SearchConfig
+from autoprune.errors import InputError, ParameterError
 from autoprune.runner import Setup
 
 
+def config_for(storage, **changes):
+    return SearchConfig(budgets={"flops": "50%"}, trials=3, finetune_steps=0, storage=storage, device="cpu",
+                        bn_batches=2).replace(**changes)
+
+
 @pytest.fixture(scope="module")
-def compared(trained_resnet20, digits, tmp_path_factory):
+def compared(trained_resnet20, digits_task, tmp_path_factory):
     d = tmp_path_factory.mktemp("compare")
     storage = f"sqlite:///{d}/c.db"
-    setup = Setup(trained_resnet20, digits, {"name": "resnet20", "dataset": "digits"})
-    rows = run_compare(setup, [parse_budget("flops", "50%")], ["uniform", "random"], trials=3, finetune_steps=0,
-                       final_steps=5, storage=storage, device="cpu", log=lambda m: None,
-                       evaluator_settings={"bn_batches": 2})
+    setup = Setup(trained_resnet20, digits_task, {"name": "resnet20", "dataset": "digits"})
+    rows = run_compare(setup, config_for(storage), ["uniform", "random"], final_steps=5, log=lambda m: None)
     return d, storage, setup, rows
 
 
@@ -30,29 +33,30 @@ def test_each_agent_gets_a_row_with_its_searchs_figures(compared):
         st = optuna.load_study(study_name=r.study, storage=storage)
         assert r.evaluations == len(st.trials)  # every evaluation is one trial of the agent's study
         assert r.feasible and r.flops_ratio <= 0.5
-        assert 0 <= r.test_accuracy <= 1 and r.latency_ms > 0 and r.search_seconds > 0
+        assert r.metric == "accuracy" and 0 <= r.test_score <= 1 and 0 <= r.val_score <= 1
+        assert r.latency_ms > 0 and r.search_seconds > 0
         assert r.search_seconds == pytest.approx(st.user_attrs["search_seconds"])
     assert rows[0].evaluations == 1 and rows[1].evaluations == 3  # uniform needs one, random uses them all
 
 
-def test_the_final_figures_do_not_depend_on_the_searchs_fine_tune(compared, trained_resnet20, digits):
+def test_the_final_figures_do_not_depend_on_the_searchs_fine_tune(compared, trained_resnet20, digits_task):
     """Same final fine-tune for every agent: a policy's row equals building it again with the same steps."""
     from autoprune.evaluator import Evaluator
     from autoprune.study import best_policy
 
     d, storage, setup, rows = compared
     st = optuna.load_study(study_name=rows[0].study, storage=storage)
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0)
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0)
     model = ev.build(best_policy(st), 5)
-    assert ev.measure(model, "test", 5).accuracy == rows[0].test_accuracy
+    assert ev.measure(model, "test", 5).score == rows[0].test_score
+    assert ev.measure(model, "val", 5).score == rows[0].val_score
 
 
 def test_a_second_comparison_resumes_the_studies(compared):
     d, storage, setup, rows = compared
-    again = run_compare(setup, [parse_budget("flops", "50%")], ["uniform", "random"], trials=3, final_steps=5,
-                        storage=storage, device="cpu", log=lambda m: None, evaluator_settings={"bn_batches": 2})
+    again = run_compare(setup, config_for(storage), ["uniform", "random"], final_steps=5, log=lambda m: None)
     assert [r.evaluations for r in again] == [r.evaluations for r in rows]
-    assert [r.test_accuracy for r in again] == [r.test_accuracy for r in rows]
+    assert [r.test_score for r in again] == [r.test_score for r in rows]
 
 
 def test_tables_are_written_as_markdown_and_csv(compared, tmp_path):
@@ -62,15 +66,18 @@ def test_tables_are_written_as_markdown_and_csv(compared, tmp_path):
     assert text.startswith("title") and text.count("\n| ") == 4 and "| amc |" in text and "—" in text
     with path.open() as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == list(COLUMNS)
-    assert float(table[0]["test_accuracy"]) == rows[0].test_accuracy
+    # the score columns are headed by the task's metric
+    assert list(table[0]) == headers("accuracy") == [c.replace("score", "accuracy") for c in COLUMNS]
+    assert "| test_accuracy | val_accuracy |" in text
+    assert float(table[0]["test_accuracy"]) == rows[0].test_score
+    assert float(table[0]["val_accuracy"]) == rows[0].val_score
     assert table[2]["test_accuracy"] == "" and table[2]["feasible"] == "False"
     assert markdown(rows).count("\n") == len(rows) + 2
     from autoprune.policy import Policy
 
     saved = Policy.load(tmp_path / "uniform.json")
     assert saved.ratios == rows[0].policy.ratios
-    assert saved.metrics["final"]["test_accuracy"] == rows[0].test_accuracy
+    assert saved.metrics["final"]["test_accuracy"] == saved.metrics["final"]["test_score"] == rows[0].test_score
     assert not (tmp_path / "amc.json").exists()  # no feasible policy, nothing to re-apply
 
 
@@ -105,11 +112,15 @@ def test_a_study_resumes_only_with_the_options_it_was_searched_with(compared):
     from autoprune.runner import run_search
 
     d, storage, setup, rows = compared
-    budget = [parse_budget("flops", "50%")]
-    common = dict(storage=storage, study=rows[1].study, trials=3, device="cpu", final=False,
-                  evaluator_settings={"bn_batches": 2})
-    run_search(setup, budget, agent="random", **common)  # same options: resumes, nothing new
-    with pytest.raises(InputError, match="--random-spread"):
-        run_search(setup, budget, agent="random", agent_options={"spread": 0.123}, **common)
+    config = config_for(storage, study=rows[1].study)
+
+    def search(**changes):
+        return run_search(setup.model, setup.task, config.replace(**changes), info=setup.info, final=False)
+
+    assert search(agent="random").new_trials == 0  # same options: resumes, nothing new
+    # the option that differs is named, with the value asked for
+    with pytest.raises(ParameterError, match=r"^random option spread=0\.123: study .* was searched with 1\.0") as e:
+        search(agent="random", agent_options={"spread": 0.123})
+    assert e.value.for_cli().startswith("--random-spread 0.123: study")
     with pytest.raises(InputError, match="searched by agent 'random'"):
-        run_search(setup, budget, agent="uniform", **common)
+        search(agent="uniform")

@@ -20,6 +20,7 @@ from autoprune.pruning.criteria import pooled_entropy
 from autoprune.pruning.icepick import IcePick
 from autoprune.runner import apply_policy
 from autoprune.space import Space
+from autoprune.task import ImageClassificationTask
 
 
 class Tiny(nn.Module):
@@ -232,7 +233,8 @@ def test_scoring_leaves_the_base_model_unchanged():
 
 @pytest.fixture(scope="module")
 def resnet_evaluator(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", batch_size=64, bn_batches=2, criterion_batches=2)
+    return Evaluator(trained_resnet20, ImageClassificationTask(digits, batch_size=64), device="cpu", bn_batches=2,
+                     criterion_batches=2)
 
 
 @pytest.mark.parametrize("criterion", list(CRITERIA))
@@ -240,7 +242,7 @@ def test_every_criterion_evaluates_on_the_default_resnet20(resnet_evaluator, cri
     policy = resnet_evaluator.uniform(0.5, criterion=criterion)
     result = resnet_evaluator.evaluate(policy)
     assert result.flops == resnet_evaluator.cost(policy)["flops"] < resnet_evaluator.space.base_flops
-    assert 0.0 <= result.accuracy <= 1.0
+    assert result.metric == "accuracy" and 0.0 <= result.score <= 1.0
 
 
 def test_criteria_choose_different_channels_on_the_trained_resnet20(resnet_evaluator):
@@ -262,7 +264,8 @@ def test_icepick_scores_its_current_model_with_a_data_criterion(resnet_evaluator
 def mobilenet_evaluator(digits):
     torch.manual_seed(0)
     model = build_model("torchvision:mobilenet_v2", digits.in_channels, digits.num_classes, digits.image_size)
-    return Evaluator(model, digits, device="cpu", batch_size=16, bn_batches=1, criterion_batches=1)
+    return Evaluator(model, ImageClassificationTask(digits, batch_size=16), device="cpu", bn_batches=1,
+                     criterion_batches=1)
 
 
 @pytest.mark.parametrize("criterion", list(CRITERIA))
@@ -270,8 +273,8 @@ def test_every_criterion_prunes_torchvision_mobilenet_v2(mobilenet_evaluator, cr
     ev = mobilenet_evaluator
     policy = ev.uniform(0.5, criterion=criterion)
     pruned = ev.pruner.prune(policy)
-    assert count_flops(pruned, ev.example_input) == ev.cost(policy)["flops"] < ev.space.base_flops
-    assert pruned(ev.example_input).shape == (1, ev.data.num_classes)
+    assert count_flops(pruned, ev.example_inputs) == ev.cost(policy)["flops"] < ev.space.base_flops
+    assert pruned(ev.example_inputs).shape == (1, ev.task.data.num_classes)
 
 
 def test_apply_reproduces_a_taylor_policy(trained_resnet20, capsys, tmp_path):
@@ -291,7 +294,8 @@ def test_apply_reproduces_a_taylor_policy(trained_resnet20, capsys, tmp_path):
     model = torch.load(tmp_path / "pruned.pt", weights_only=False)
     assert count_flops(model, torch.zeros(1, 1, 8, 8)) == policy.metrics["flops"]
     _, result, _ = apply_policy(policy, device="cpu", log=lambda m: None)
-    assert (result.accuracy, result.flops) == (policy.metrics["accuracy"], policy.metrics["flops"])
+    assert result.metric == policy.metrics["metric"] == "accuracy"
+    assert (result.score, result.flops) == (policy.metrics["accuracy"], policy.metrics["flops"])
 
 
 def test_cli_lists_the_criteria(capsys):

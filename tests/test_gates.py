@@ -9,9 +9,9 @@ import torch
 import autoprune.agents.gates  # noqa: F401  (registers the agent)
 from autoprune.agents import SearchContext, get_agent
 from autoprune.agents.gates import learn_gates, reinitialise
-from autoprune.budget import parse_budget
+from autoprune.budget import Budgets, parse_budget
 from autoprune.cost import count_flops
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 from autoprune.evaluator import Evaluator
 from autoprune.policy import Policy
 from autoprune.pruning.gates import ChannelGates, gate_targets, sparsity_penalty, threshold_structure
@@ -19,13 +19,13 @@ from autoprune.study import completed, open_study, policy_of
 
 
 @pytest.fixture(scope="module")
-def evaluator(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", bn_batches=3, seed=0)
+def evaluator(trained_resnet20, digits_task):
+    return Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=3, seed=0)
 
 
-def context(evaluator, tmp_path, budgets, trials=None, name="g"):
+def context(evaluator, tmp_path, budgets, name="g", max_ratio=0.9):
     study = open_study(name, f"sqlite:///{tmp_path}/db.sqlite3")
-    return SearchContext(evaluator, budgets, study, "gates", n_trials=trials, seed=1)
+    return SearchContext(evaluator, Budgets(budgets, evaluator, max_ratio), study, "gates", seed=1)
 
 
 def random_gates(evaluator, seed=0):
@@ -47,7 +47,7 @@ def test_gates_sit_after_batch_norm_and_coupled_layers_share_one_vector(evaluato
         "layer2.0.downsample.1", "layer2.0.bn2", "layer2.1.bn2", "layer2.2.bn2"}
     model = copy.deepcopy(evaluator.model)
     gates = ChannelGates(evaluator.space, model)
-    x = evaluator.data.loader("val", 16, "cpu").__iter__().__next__()[0]
+    x = evaluator.task.data.loader("val", 16, "cpu").__iter__().__next__()[0]
     with torch.no_grad():
         assert torch.equal(model(x), evaluator.model(x))  # gates start at 1
         gates.gates[gates.names.index("layer2.0.downsample.0")][3] = 0.0
@@ -79,10 +79,10 @@ def test_gate_learning_clamps_gates_to_the_unit_interval_and_leaves_weights_unch
     before = {k: v.clone() for k, v in model.named_parameters()}
     base = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
     gates = ChannelGates(evaluator.space, model)
-    train = evaluator.data.loader("train", 64, "cpu", shuffle=True, generator=torch.Generator().manual_seed(0))
+    task = evaluator.task
     # a large LR pushes many gates past both bounds within a few steps
-    snaps = learn_gates(model, gates, train.infinite(), steps=6, lr=2.0, lam=0.5, r=0.2, snapshot_every=2,
-                        accuracy=lambda m: 0.0)
+    snaps = learn_gates(model, gates, task, task.train_batches(0, augment=False), steps=6, lr=2.0, lam=0.5, r=0.2,
+                        snapshot_every=2, score=lambda m: 0.0)
     assert [s.step for s in snaps] == [2, 4, 6]
     for s in snaps:
         g = torch.cat(list(s.gates.values()))
@@ -99,7 +99,7 @@ def test_global_threshold_meets_the_budget_within_one_channel(evaluator, tmp_pat
     b = parse_budget("flops", budget)
     ctx = context(evaluator, tmp_path, [b])
     gates = random_gates(evaluator, seed=len(budget))
-    ratios, keep = threshold_structure(gates, ctx.fits, ctx.max_ratio)
+    ratios, keep = threshold_structure(gates, ctx.budgets.fits, ctx.budgets.max_ratio)
     limit = b.limit(evaluator.space.base_flops)
     assert evaluator.cost(ratios)["flops"] <= limit
     # the channels kept are the largest gates of their group, in the number the ratio keeps
@@ -118,9 +118,8 @@ def test_global_threshold_meets_the_budget_within_one_channel(evaluator, tmp_pat
 
 def test_global_threshold_respects_max_ratio_and_a_params_budget(evaluator, tmp_path):
     b = parse_budget("params", "40%")
-    ctx = context(evaluator, tmp_path, [b])
-    ctx.max_ratio = 0.7
-    ratios, _ = threshold_structure(random_gates(evaluator), ctx.fits, ctx.max_ratio)
+    ctx = context(evaluator, tmp_path, [b], max_ratio=0.7)
+    ratios, _ = threshold_structure(random_gates(evaluator), ctx.budgets.fits, ctx.budgets.max_ratio)
     assert max(ratios.values()) <= 0.7
     assert evaluator.cost(ratios)["params"] <= b.limit(evaluator.space.base_params)
 
@@ -172,14 +171,15 @@ def test_gates_agent_records_one_feasible_trial_per_run_and_a_scratch_trial_and_
     # a second run on the same study learns nothing again and adds no trial
     again = context(evaluator, tmp_path, [b])
     assert agent.search(again).policy.key() == result.policy.key()
-    assert again.evaluated == 0 and len(completed(again.study)) == 3
+    assert again.recorder.written == 0 and len(completed(again.study)) == 3
     # a recorded policy re-applies to the same channels and the same figures
     run = runs[0]
     policy = policy_of(run)
     rebuilt = evaluator.build(policy, 0)
-    assert count_flops(rebuilt, evaluator.example_input) == run.user_attrs["flops"]
-    fresh = Evaluator(evaluator.model, evaluator.data, device="cpu", bn_batches=3, seed=0)
-    assert fresh.evaluate(policy).accuracy == pytest.approx(run.user_attrs["accuracy"])
+    assert count_flops(rebuilt, evaluator.example_inputs) == run.user_attrs["flops"]
+    fresh = Evaluator(evaluator.model, evaluator.task, device="cpu", bn_batches=3, seed=0)
+    assert fresh.evaluate(policy).score == pytest.approx(run.user_attrs["score"])
+    assert run.user_attrs["score"] == run.user_attrs["accuracy"]
 
 
 def test_kept_channels_are_the_largest_gates_only_when_gates_rank_the_trained_weights():
@@ -189,7 +189,10 @@ def test_kept_channels_are_the_largest_gates_only_when_gates_rank_the_trained_we
 
 
 def test_gates_agent_refuses_bad_options():
-    with pytest.raises(InputError, match="choose from random, pretrained"):
+    with pytest.raises(ParameterError, match="gates option from='imagenet': choose from random, pretrained"):
         get_agent("gates")(**{"from": "imagenet"})
-    with pytest.raises(InputError, match="not a number"):
-        get_agent("gates")(**{"lambda": "a,b"}).search(None)
+    # checked when the agent is made, as on the command line: no search needed to find out
+    with pytest.raises(ParameterError, match="gates option lambda='a,b': give numbers >= 0, separated by commas"):
+        get_agent("gates")(**{"lambda": "a,b"})
+    with pytest.raises(ParameterError, match="gates option r='0.5,2': give numbers in \\[0, 1\\]"):
+        get_agent("gates")(r="0.5,2")

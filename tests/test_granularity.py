@@ -9,29 +9,30 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from autoprune.agents import SearchContext, get_agent
-from autoprune.budget import parse_budget
+from autoprune.agents import Limits, SearchContext, get_agent
+from autoprune.budget import Budgets, parse_budget
 from autoprune.cli import main
+from autoprune.config import SearchConfig
 from autoprune.cost import count_flops, count_params
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 from autoprune.evaluator import Evaluator
 from autoprune.policy import Policy, parse_granularity, snap_ratio
 from autoprune.study import best_policy, completed, open_study
 
 
 @pytest.fixture(scope="module")
-def unstructured(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", granularity="unstructured", bn_batches=3, seed=0)
+def unstructured(trained_resnet20, digits_task):
+    return Evaluator(trained_resnet20, digits_task, device="cpu", granularity="unstructured", bn_batches=3, seed=0)
 
 
 @pytest.fixture(scope="module")
-def two_four(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", granularity="2:4", bn_batches=3, seed=0)
+def two_four(trained_resnet20, digits_task):
+    return Evaluator(trained_resnet20, digits_task, device="cpu", granularity="2:4", bn_batches=3, seed=0)
 
 
-def context(evaluator, tmp_path, budgets, name="s", agent="uniform"):
+def context(evaluator, tmp_path, budgets, name="s", agent="uniform", n_trials=None):
     study = open_study(name, f"sqlite:///{tmp_path}/db.sqlite3")
-    return SearchContext(evaluator, budgets, study, agent, seed=1)
+    return SearchContext(evaluator, Budgets(budgets, evaluator), study, agent, limits=Limits(n_trials), seed=1)
 
 
 def masked_modules(model):
@@ -68,11 +69,13 @@ def test_granularity_strings_are_parsed_and_refused_in_one_line():
     assert parse_granularity("unstructured") == "unstructured"
     assert parse_granularity(" 2:4 ") == "2:4"
     for bad in ("3:2", "0:4", "4:4"):
-        with pytest.raises(InputError, match="0 < N < M"):
+        with pytest.raises(ParameterError, match=rf"^granularity='{bad}': N:M .*0 < N < M"):
             parse_granularity(bad)
     for bad in ("foo", "2:", "2/4", 4):
-        with pytest.raises(InputError, match="unknown granularity.*channel, unstructured or N:M"):
+        with pytest.raises(ParameterError) as e:
             parse_granularity(bad)
+        assert str(e.value).startswith(f"granularity={bad!r}: choose channel, unstructured or N:M")
+        assert "\n" not in str(e.value)
 
 
 def test_n_of_m_ratios_snap_to_dense_or_n_of_m(two_four):
@@ -89,7 +92,7 @@ def test_the_policy_loader_refuses_n_of_m_ratios_it_cannot_realise():
     with pytest.raises(InputError) as e:
         Policy.from_json(text, source="p.json")
     assert str(e.value) == "p.json: policy ratio for 'b' is 0.3; a 2:4 policy allows only 0 (dense) or 0.5 (2:4)"
-    with pytest.raises(InputError, match="unknown granularity 'blocks'"):
+    with pytest.raises(InputError, match="granularity='blocks': choose channel, unstructured or N:M"):
         Policy.from_json(json.dumps({"schema": "autoprune.policy/1", "granularity": "blocks", "ratios": {"a": 0}}))
 
 
@@ -117,7 +120,7 @@ def test_two_of_four_masks_hold_two_nonzeros_in_every_four_also_after_finetuning
         assert torch.equal(nonzeros_per_run(m.weight_mask), runs)
         # the masked weights stayed at zero through the fine-tune: the weight is weight_orig * mask
         assert not torch.equal(m.weight_orig, two_four.space.modules[name].weight)  # and the others trained
-    assert result.flops == count_flops(model, two_four.example_input, effective=True)
+    assert result.flops == count_flops(model, two_four.example_inputs, effective=True)
 
 
 def test_unstructured_masks_reach_each_layers_sparsity_and_keep_the_largest_magnitudes(unstructured):
@@ -140,9 +143,9 @@ def test_unstructured_masks_reach_each_layers_sparsity_and_keep_the_largest_magn
     assert int((lead.weight_mask == 0).sum()) == math.floor(policy.ratios[group.name] * lead.weight.numel() + 0.5)
 
 
-def test_random_criterion_gives_seeded_random_masks(trained_resnet20, digits, unstructured):
+def test_random_criterion_gives_seeded_random_masks(trained_resnet20, digits_task, unstructured):
     def masks(seed, criterion):
-        ev = Evaluator(trained_resnet20, digits, device="cpu", granularity="unstructured", criterion=criterion,
+        ev = Evaluator(trained_resnet20, digits_task, device="cpu", granularity="unstructured", criterion=criterion,
                        seed=seed)
         return ev.mask_pruner.masks(ev.uniform(0.5))
 
@@ -150,18 +153,18 @@ def test_random_criterion_gives_seeded_random_masks(trained_resnet20, digits, un
     assert a.keys() == l1.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a) and not all(torch.equal(a[k], l1[k]) for k in a)
-    l2 = Evaluator(trained_resnet20, digits, device="cpu", granularity="unstructured", criterion="l2")
+    l2 = Evaluator(trained_resnet20, digits_task, device="cpu", granularity="unstructured", criterion="l2")
     assert all(torch.equal(m, l1[k]) for k, m in l2.mask_pruner.masks(l2.uniform(0.5)).items())
 
 
-def test_a_channel_criterion_is_refused_for_masked_granularities(trained_resnet20, digits):
-    with pytest.raises(InputError, match="criterion 'taylor' does not apply to --granularity 2:4; "
-                                         "it supports l1, l2, random"):
-        Evaluator(trained_resnet20, digits, device="cpu", granularity="2:4", criterion="taylor")
+def test_a_channel_criterion_is_refused_for_masked_granularities(trained_resnet20, digits_task):
+    with pytest.raises(ParameterError, match=r"^criterion='taylor': does not apply to granularity 2:4; "
+                                             "it supports l1, l2, random$"):
+        Evaluator(trained_resnet20, digits_task, device="cpu", granularity="2:4", criterion="taylor")
 
 
 # -- cost: dense and effective --------------------------------------------------------------------
-def test_dense_and_effective_figures_are_both_reported(unstructured, trained_resnet20, digits):
+def test_dense_and_effective_figures_are_both_reported(unstructured, trained_resnet20, digits_task):
     base_flops, base_params = unstructured.space.base_flops, unstructured.space.base_params
     policy = unstructured.uniform(0.5)
     predicted = unstructured.cost(policy)
@@ -176,7 +179,7 @@ def test_dense_and_effective_figures_are_both_reported(unstructured, trained_res
     assert result.params == base_params - sum(removed.values())
     assert result.flops < 0.6 * base_flops
     # a channel policy has no dense figures apart from its own
-    channel = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=3)
+    channel = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=3)
     plain = channel.evaluate(channel.uniform(0.5))
     assert plain.flops_dense is None and "flops_dense" not in channel.cost(channel.uniform(0.5))
 
@@ -232,8 +235,7 @@ def test_random_agent_projects_onto_the_budget_in_the_granularitys_arithmetic(un
                                                                               granularity):
     ev = unstructured if granularity == "unstructured" else two_four
     budget = parse_budget("flops", "75%")
-    ctx = context(ev, tmp_path, [budget], agent="random")
-    ctx.n_trials = 2
+    ctx = context(ev, tmp_path, [budget], agent="random", n_trials=2)
     get_agent("random")().search(ctx)
     trials = completed(ctx.study)
     assert len(trials) == 2 and all(t.user_attrs["feasible"] for t in trials)
@@ -255,8 +257,8 @@ def mobilenet(digits):
 
 
 @pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
-def test_uniform_agent_on_torchvision_mobilenet_v2(mobilenet, digits, tmp_path, monkeypatch, granularity):
-    ev = Evaluator(mobilenet, digits, device="cpu", granularity=granularity, bn_batches=2, seed=0)
+def test_uniform_agent_on_torchvision_mobilenet_v2(mobilenet, digits_task, tmp_path, monkeypatch, granularity):
+    ev = Evaluator(mobilenet, digits_task, device="cpu", granularity=granularity, bn_batches=2, seed=0)
     seen = capture_models(ev, monkeypatch)
     budget = parse_budget("flops", "75%")
     result = get_agent("uniform")().search(context(ev, tmp_path, [budget]))
@@ -277,16 +279,17 @@ def test_uniform_agent_on_torchvision_mobilenet_v2(mobilenet, digits, tmp_path, 
     else:  # unstructured masks the depthwise convs of prunable groups like any other layer
         assert dense == [] and depthwise & producers(ev) <= set(masked)
     assert set(masked) <= producers(ev)
-    assert result.evaluation.flops == count_flops(model, ev.example_input, effective=True)
+    assert result.evaluation.flops == count_flops(model, ev.example_inputs, effective=True)
 
 
-def test_agents_that_remove_channels_themselves_refuse_masked_granularities(trained_resnet20, digits, tmp_path):
-    from autoprune.runner import Setup, run_search
+def test_agents_that_remove_channels_themselves_refuse_masked_granularities(trained_resnet20, digits_task,
+                                                                           tmp_path):
+    from autoprune.runner import run_search
 
-    setup = Setup(trained_resnet20, digits, {"name": "resnet20", "dataset": "digits"})
-    with pytest.raises(InputError, match="agent 'icepick' removes channels itself"):
-        run_search(setup, [parse_budget("flops", "50%")], agent="icepick", granularity="2:4",
-                   storage=f"sqlite:///{tmp_path}/db.sqlite3", device="cpu", final=False)
+    with pytest.raises(ParameterError, match=r"^granularity='2:4': agent 'icepick' removes channels itself"):
+        config = SearchConfig(agent="icepick", budgets={"flops": "50%"}, granularity="2:4",
+                              storage=f"sqlite:///{tmp_path}/db.sqlite3", device="cpu")
+        run_search(trained_resnet20, digits_task, config, final=False)
 
 
 # -- command line: search, export, apply ----------------------------------------------------------
@@ -373,11 +376,13 @@ def test_sync_refreshes_masked_weights_that_a_move_leaves_behind(unstructured):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--granularity", "3:2"], "granularity '3:2': N:M keeps N of every M weights and needs 0 < N < M"),
-        (["--granularity", "0:4"], "needs 0 < N < M"),
-        (["--granularity", "foo"], "unknown granularity 'foo'; choose channel, unstructured or N:M"),
-        (["--granularity", "unstructured", "--criterion", "taylor"], "supports l1, l2, random"),
-        (["--granularity", "2:4", "--agent", "gates"], "supports only --granularity channel"),
+        (["--granularity", "3:2"], "--granularity 3:2: N:M keeps N of every M weights and needs 0 < N < M"),
+        (["--granularity", "0:4"], "--granularity 0:4: N:M keeps N of every M weights and needs 0 < N < M"),
+        (["--granularity", "foo"], "--granularity foo: choose channel, unstructured or N:M"),
+        (["--granularity", "unstructured", "--criterion", "taylor"],
+         "--criterion taylor: does not apply to granularity unstructured; it supports l1, l2, random"),
+        (["--granularity", "2:4", "--agent", "gates"],
+         "--granularity 2:4: agent 'gates' removes channels itself and supports only channel"),
     ],
 )
 def test_bad_granularity_gives_one_line_and_exit_code_2(capsys, argv, message):

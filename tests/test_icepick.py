@@ -8,17 +8,30 @@ import pytest
 import torch
 
 import autoprune.agents.icepick  # noqa: F401  (registers the agent)
-from autoprune.agents import SearchContext, get_agent
-from autoprune.budget import parse_budget
+from autoprune.agents import Limits, SearchContext, get_agent
+from autoprune.agents.icepick import PAPER_DEFAULTS
+from autoprune.budget import Budgets, parse_budget
 from autoprune.errors import InputError
 from autoprune.evaluator import Evaluator
 from autoprune.pruning.icepick import IcePick, layer_names, pruning_aware_lr, stage_targets
-from autoprune.study import best_policy, completed, open_study
+from autoprune.study import best_policy, completed, open_study, policy_of
+
+DIRECTIONS = ("maximize", "minimize")
 
 
 @pytest.fixture(scope="module")
-def evaluator(trained_resnet20, digits):
-    return Evaluator(trained_resnet20, digits, device="cpu", bn_batches=3, seed=0)
+def evaluator(trained_resnet20, digits_task):
+    return Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=3, seed=0)
+
+
+def context(evaluator, study, budget="50%", trials=None, seed=0):
+    # the storage holding the study, as run_search passes it (ICE-Pick runs study.optimize on it)
+    return SearchContext(evaluator, Budgets([parse_budget("flops", budget)], evaluator), study, "icepick",
+                         limits=Limits(trials), seed=seed, storage=study._storage)
+
+
+def is_paper_run(trial, max_steps=3):
+    return trial.params == pytest.approx(dict(PAPER_DEFAULTS, finetune_steps=max_steps))
 
 
 def test_lr_is_base_minus_half_delta_at_one_minus_p_and_falls_as_weights_are_removed():
@@ -98,11 +111,13 @@ def test_frozen_layers_receive_no_updates_yet_are_pruned(evaluator):
 def test_agent_records_each_icepick_run_as_a_two_objective_trial_and_exports_its_hyperparameters(
         evaluator, tmp_path):
     agent = get_agent("icepick")(max_steps=3, probe_steps=1, startup=1)
-    assert agent.directions == ("maximize", "minimize")
-    study = open_study("ice", f"sqlite:///{tmp_path}/db.sqlite3", directions=agent.directions)
+    assert agent.directions(evaluator.task) == list(DIRECTIONS)
+    assert agent.metric_names(evaluator.task) == ["accuracy", "pruning_seconds"]
+    study = open_study("ice", f"sqlite:///{tmp_path}/db.sqlite3", directions=agent.directions(evaluator.task))
     budget = parse_budget("flops", "50%")
-    ctx = SearchContext(evaluator, [budget], study, "icepick", n_trials=2, seed=0)
-    result = agent.search(ctx)
+    ctx = context(evaluator, study, trials=2)
+    with evaluator.sealed("test"):  # as in a search: scoring the test split raises RuntimeError
+        result = agent.search(ctx)
     trials = completed(study)
     assert len(trials) == 2
     assert trials[0].params["base_lr"] == pytest.approx(1e-3) and trials[0].params["p"] == pytest.approx(0.12)
@@ -110,29 +125,35 @@ def test_agent_records_each_icepick_run_as_a_two_objective_trial_and_exports_its
         a = t.user_attrs
         assert set(t.params) == {"freeze_ratio", "threshold", "base_lr", "delta_share", "p", "beta",
                                  "finetune_steps"}
-        assert t.values == [a["accuracy"], a["pruning_seconds"]]
+        assert t.values == [a["score"], a["pruning_seconds"]] and a["score"] == a["accuracy"]
         assert a["feasible"] and a["flops"] <= budget.limit(evaluator.space.base_flops)
-        assert a["measured_by_agent"] and 0.0 <= a["final_icepick_test_accuracy"] <= 1.0
-    assert result.evaluation.accuracy == max(t.values[0] for t in trials)
+        assert a["measured_by_agent"] and a["split"] == "val"
+        # no ICE-Pick run reads the test split: nothing of it is recorded
+        assert not [k for k in a if "test" in k], a.keys()
+    assert result.evaluation.score == max(t.values[0] for t in trials)
 
     exported = best_policy(study)
     hyper = exported.search["icepick"]
     best_trial = next(t for t in trials if t.number == exported.search["trial"])
     assert hyper["base_lr"] == best_trial.params["base_lr"] and hyper["p"] == best_trial.params["p"]
-    assert exported.search["pareto_front"][0]["accuracy"] == exported.metrics["accuracy"]
+    assert exported.search["pareto_front"][0]["score"] == exported.metrics["score"] == exported.metrics["accuracy"]
+    assert not [k for k in exported.metrics if "test" in k]
     assert {"freeze_ratio", "threshold", "delta", "beta", "pruning_seconds", "finetune_steps_spent"} <= set(hyper)
     assert exported.search["pareto_front"] and json.loads(exported.to_json())["search"]["icepick"] == hyper
 
     # a resumed search continues: TPE sees the recorded runs, and they are not taken as evaluator results
-    resumed = SearchContext(evaluator, [budget], study, "icepick", n_trials=3, seed=0)
-    assert resumed._recorded == {} and len(resumed._measured) == 2
+    resumed = context(evaluator, study, trials=3)
+    for t in trials:
+        assert resumed.trial_of(policy_of(t), t.user_attrs["finetune_steps"]) is None
     agent.search(resumed)
-    assert len(completed(study)) == 3
+    after = completed(study)
+    assert len(after) == 3
+    assert sum(is_paper_run(t) for t in after) == 1  # the paper's values are not run a second time
 
 
 def test_a_target_policy_file_must_fit_the_model_and_the_budget(evaluator, tmp_path):
-    study = open_study("ice", f"sqlite:///{tmp_path}/db.sqlite3", directions=("maximize", "minimize"))
-    ctx = SearchContext(evaluator, [parse_budget("flops", "50%")], study, "icepick", n_trials=1)
+    study = open_study("ice", f"sqlite:///{tmp_path}/db.sqlite3", directions=DIRECTIONS)
+    ctx = context(evaluator, study, trials=1)
     light = tmp_path / "light.json"
     evaluator.uniform(0.1).save(light)
     with pytest.raises(InputError, match="does not meet the budget.*flops"):
@@ -147,10 +168,15 @@ def test_a_target_policy_file_must_fit_the_model_and_the_budget(evaluator, tmp_p
 
 
 def test_a_study_with_one_objective_is_refused_clearly(evaluator, tmp_path):
-    one_objective = open_study("one", f"sqlite:///{tmp_path}/db.sqlite3")
-    ctx = SearchContext(evaluator, [parse_budget("flops", "50%")], one_objective, "icepick")
-    with pytest.raises(InputError, match="has 1 objective.*choose another --study"):
-        get_agent("icepick")().search(ctx)
+    from autoprune.config import SearchConfig
+    from autoprune.runner import run_search
+
+    storage = f"sqlite:///{tmp_path}/db.sqlite3"
+    open_study("one", storage)
+    config = SearchConfig(agent="icepick", budgets={"flops": "50%"}, storage=storage, study="one", device="cpu",
+                          trials=1)
+    with pytest.raises(InputError, match="study 'one' has 1 objective.*'icepick' records 2.*choose another --study"):
+        run_search(evaluator.model, evaluator.task, config, final=False)
 
 
 def test_plain_iterative_pruning_fine_tunes_every_stage_at_a_fixed_lr_with_nothing_frozen():
@@ -160,15 +186,27 @@ def test_plain_iterative_pruning_fine_tunes_every_stage_at_a_fixed_lr_with_nothi
 
 
 def test_workers_take_in_each_others_runs_before_asking(evaluator, tmp_path):
-    """`autoprune worker` processes share the study: each TPE learns from the runs the others record."""
-    study = open_study("ice", f"sqlite:///{tmp_path}/db.sqlite3", directions=("maximize", "minimize"))
-    ctx = SearchContext(evaluator, [parse_budget("flops", "50%")], study, "icepick", n_trials=1, seed=0)
+    """`autoprune worker` processes share the study: each TPE samples from the runs the others record."""
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
     first = get_agent("icepick")(max_steps=3, probe_steps=1, startup=1)
     assert first.parallel
-    space = first.distributions()
-    hp = first.sampler_study(ctx, space)  # this worker starts on an empty study
-    get_agent("icepick")(max_steps=3, probe_steps=1, startup=1).search(ctx)  # another worker records a run
-    assert first.sync(hp, ctx, space) == 1
-    assert first.sync(hp, ctx, space) == 0  # each run is taken in once
-    finished = [t for t in hp.trials if t.state.is_finished()]
-    assert [t.params for t in finished] == [t.params for t in completed(study)]
+    # one worker records a run (the paper's values come first)
+    first.search(context(evaluator, open_study("ice", url, directions=DIRECTIONS), trials=1))
+    runs = completed(open_study("ice", url, directions=DIRECTIONS))
+    assert len(runs) == 1 and is_paper_run(runs[0])
+    # another worker, its own agent, context and seed, joins the same study: it takes that run in
+    # and asks TPE for new values rather than starting over
+    second = get_agent("icepick")(max_steps=3, probe_steps=1, startup=1)
+    second.search(context(evaluator, open_study("ice", url, directions=DIRECTIONS), trials=2, seed=7))
+    runs = completed(open_study("ice", url, directions=DIRECTIONS))
+    assert len(runs) == 2 and sum(is_paper_run(t) for t in runs) == 1
+
+
+def test_a_context_made_without_a_storage_searches_its_own_study(evaluator, tmp_path):
+    """A SearchContext made as autoprune.agents.base documents it (no storage given) runs ICE-Pick on
+    the study it was given, not on a study of another storage."""
+    study = open_study("own", f"sqlite:///{tmp_path}/db.sqlite3", directions=DIRECTIONS)
+    ctx = SearchContext(evaluator, Budgets([parse_budget("flops", "50%")], evaluator), study, "icepick",
+                        limits=Limits(1))
+    get_agent("icepick")(max_steps=3, probe_steps=1, startup=1).search(ctx)
+    assert len(completed(study)) == 1

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import autoprune.agents.netadapt  # noqa: F401  (registers the agent)
-from autoprune.agents import SearchContext, get_agent
-from autoprune.budget import parse_budget
+from autoprune.agents import Limits, SearchContext, get_agent
+from autoprune.budget import Budgets, parse_budget
+from autoprune.config import SearchConfig
 from autoprune.cost import count_flops
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 from autoprune.evaluator import Evaluator
 from autoprune.latency_table import LatencyTable, estimate_error
 from autoprune.models import build_model
@@ -86,12 +87,12 @@ def test_table_estimates_are_within_50_percent_of_measured_latency():
 
 
 @pytest.fixture(scope="module")
-def flops_search(trained_resnet20, digits, tmp_path_factory):
+def flops_search(trained_resnet20, digits_task, tmp_path_factory):
     """One NetAdapt search to 85 % FLOPs (short-term 0 steps: adaptive BN only; long-term 5 steps)."""
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, ignore=IGNORE)
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, ignore=IGNORE)
     budget = parse_budget("flops", "85%")
     study = open_study("netadapt", f"sqlite:///{tmp_path_factory.mktemp('na')}/db.sqlite3")
-    ctx = SearchContext(ev, [budget], study, "netadapt", seed=0)
+    ctx = SearchContext(ev, Budgets([budget], ev), study, "netadapt", seed=0)
     agent = get_agent("netadapt")(initial=0.04, short_steps=0, long_steps=5)
     result = agent.search(ctx)
     return ev, budget, ctx, result, agent
@@ -140,27 +141,30 @@ def test_search_stops_once_the_budget_holds_and_fine_tunes_the_final_model(flops
     assert result.evaluation.flops <= limit
 
 
-def test_ratio_selection_keeps_the_least_accuracy_lost_per_flop(trained_resnet20, digits, tmp_path):
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, ignore=IGNORE)
-    ctx = SearchContext(ev, [parse_budget("flops", "95%")], open_study("r", f"sqlite:///{tmp_path}/db"),
+def test_ratio_selection_keeps_the_least_accuracy_lost_per_flop(trained_resnet20, digits_task, tmp_path):
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, ignore=IGNORE)
+    ctx = SearchContext(ev, Budgets([parse_budget("flops", "95%")], ev), open_study("r", f"sqlite:///{tmp_path}/db"),
                         "netadapt", seed=0)
     get_agent("netadapt")(initial=0.05, short_steps=0, long_steps=0, select="ratio").search(ctx)
     first = ctx.study.user_attrs["netadapt_iterations"][0]
     proposals = [t for t in completed(ctx.study) if t.user_attrs["netadapt_iteration"] == 0]
-    base_acc = ev.baseline("val").accuracy
+    base_acc = ev.baseline("val").score
+    assert all(t.user_attrs["metric"] == "accuracy" and t.user_attrs["score"] == t.user_attrs["accuracy"]
+               for t in proposals)
 
     def lost_per_saved(t):
         return (base_acc - t.user_attrs["accuracy"]) / (1 - t.user_attrs["flops_ratio"])
 
-    assert first["trial"] == min(proposals, key=lambda t: (lost_per_saved(t), -t.user_attrs["accuracy"])).number
+    chosen = min(proposals, key=lambda t: (lost_per_saved(t), -t.user_attrs["accuracy"]))
+    assert first["trial"] == chosen.number and first["score"] == chosen.user_attrs["accuracy"]
 
 
-def test_latency_budget_searches_on_the_table_and_records_measured_latency(trained_resnet20, digits, tmp_path,
+def test_latency_budget_searches_on_the_table_and_records_measured_latency(trained_resnet20, digits_task, tmp_path,
                                                                            deterministic_latency):
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, ignore=IGNORE,
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, ignore=IGNORE,
                    latency_repeats=5)
-    ctx = SearchContext(ev, [parse_budget("latency", "97%")], open_study("l", f"sqlite:///{tmp_path}/db"),
-                        "netadapt", seed=0, n_trials=12)
+    ctx = SearchContext(ev, Budgets([parse_budget("latency", "97%")], ev), open_study("l", f"sqlite:///{tmp_path}/db"),
+                        "netadapt", seed=0, limits=Limits(12))
     agent = get_agent("netadapt")(initial=0.05, short_steps=0, long_steps=0, table_dir=str(tmp_path / "lt"))
     result = agent.search(ctx)
     assert agent.table.path.parent == tmp_path / "lt" and agent.table.measurements > 0
@@ -170,12 +174,13 @@ def test_latency_budget_searches_on_the_table_and_records_measured_latency(train
     # the tracked resource is the table's estimate; feasibility is the measured latency
     for t in trials:
         a = t.user_attrs
-        assert a["feasible"] == (a["latency"] <= 0.97 * ctx.base["latency"] * (1 + 1e-9))
+        assert a["feasible"] == (a["latency"] <= 0.97 * ctx.budgets.base["latency"] * (1 + 1e-9))
     if result.info["budget_reached"]:
-        assert result.policy is not None and result.evaluation.latency <= 0.97 * ctx.base["latency"] * (1 + 1e-9)
+        assert result.policy is not None
+        assert result.evaluation.latency <= 0.97 * ctx.budgets.base["latency"] * (1 + 1e-9)
 
 
-def test_latency_is_timed_at_the_chosen_batch(trained_resnet20, digits, tmp_path, monkeypatch):
+def test_latency_is_timed_at_the_chosen_batch(trained_resnet20, digits_task, tmp_path, monkeypatch):
     """--latency-batch reaches every timing: the evaluator's, the table's points and its whole-model passes."""
     from autoprune.cost import count_flops
 
@@ -187,7 +192,7 @@ def test_latency_is_timed_at_the_chosen_batch(trained_resnet20, digits, tmp_path
 
     monkeypatch.setattr("autoprune.evaluator.measure_latency", latency)
     monkeypatch.setattr("autoprune.latency_table.measure_latency", latency)
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, latency=True, latency_batch=16)
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, latency=True, latency_batch=16)
     assert ev.baseline().latency == pytest.approx(16e-9 * ev.space.base_flops)
     table = LatencyTable.build(ev.space, model="r20", directory=tmp_path, repeats=2, batch=16)
     assert table.batch == 16 and set(batches) == {16}
@@ -197,8 +202,8 @@ def test_latency_is_timed_at_the_chosen_batch(trained_resnet20, digits, tmp_path
     assert again.measurements == 0 and again.rest_per_element == table.rest_per_element
     ratios = dict.fromkeys(ev.space.names, 0.5)
     assert again.estimate(ratios) == pytest.approx(table.estimate(ratios))
-    with pytest.raises(InputError, match="latency-batch"):
-        Evaluator(trained_resnet20, digits, device="cpu", latency_batch=0)
+    with pytest.raises(ParameterError, match="latency_batch=0: must be .*>= 1"):
+        Evaluator(trained_resnet20, digits_task, device="cpu", latency_batch=0)
 
 
 def test_the_rest_grows_with_the_activations_the_layers_produce(trained_resnet20, digits, tmp_path, monkeypatch):
@@ -231,24 +236,27 @@ def test_the_rest_grows_with_the_activations_the_layers_produce(trained_resnet20
     assert table.rest == pytest.approx(1e-3, rel=0.02)
 
 
-def test_a_latency_study_keeps_its_batch(trained_resnet20, digits, tmp_path, deterministic_latency):
-    from autoprune.runner import Setup, run_search
+def test_a_latency_study_keeps_its_batch(trained_resnet20, digits_task, tmp_path, deterministic_latency):
+    from autoprune.models.checkpoint import fingerprint
+    from autoprune.runner import run_search
 
-    setup = Setup(trained_resnet20, digits, {"name": "resnet20", "dataset": "digits"})
-    storage = f"sqlite:///{tmp_path}/db"
-    budget = [parse_budget("latency", "90%")]
-    run_search(setup, budget, storage=storage, study="lat", device="cpu", final=False,
-               evaluator_settings={"bn_batches": 2, "latency_batch": 8})
-    with pytest.raises(InputError, match="timed latency at batch 8"):
-        run_search(setup, budget, storage=storage, study="lat", device="cpu", final=False,
-                   evaluator_settings={"bn_batches": 2})
+    info = {"name": "resnet20", "dataset": "digits"}
+    config = SearchConfig(budgets={"latency": "90%"}, storage=f"sqlite:///{tmp_path}/db", study="lat", device="cpu",
+                          bn_batches=2, latency_batch=8)
+    weights = fingerprint(trained_resnet20)
+    run_search(trained_resnet20, digits_task, config, info=info, final=False)
+    assert fingerprint(trained_resnet20) == weights  # the search left the model as it was given
+    with pytest.raises(InputError, match="^latency_batch=1: study .lat. timed latency at batch 8; use that"):
+        run_search(trained_resnet20, digits_task, config.replace(latency_batch=1), info=info, final=False)
 
 
-def test_an_unreachable_latency_budget_names_the_batch(trained_resnet20, digits, tmp_path, deterministic_latency):
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, ignore=IGNORE)
-    ctx = SearchContext(ev, [parse_budget("latency", "5%")], open_study("u", f"sqlite:///{tmp_path}/db"), "uniform")
+def test_an_unreachable_latency_budget_names_the_batch(trained_resnet20, digits_task, tmp_path,
+                                                       deterministic_latency):
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, ignore=IGNORE)
+    ctx = SearchContext(ev, Budgets([parse_budget("latency", "5%")], ev), open_study("u", f"sqlite:///{tmp_path}/db"),
+                        "uniform")
     with pytest.raises(InputError, match="timed at batch 1.*--latency-batch"):
-        ctx.project({})
+        ctx.budgets.fit({})
 
 
 def test_table_is_exact_when_layer_latency_is_bilinear_in_its_channels(digits, deterministic_latency):
@@ -270,11 +278,12 @@ def test_table_is_exact_when_layer_latency_is_bilinear_in_its_channels(digits, d
         assert table.estimate(ratios) == pytest.approx(macs * 1e-9, rel=1e-9)
 
 
-def test_a_budget_that_holds_when_timed_again_is_refused_as_noise(trained_resnet20, digits, tmp_path,
+def test_a_budget_that_holds_when_timed_again_is_refused_as_noise(trained_resnet20, digits_task, tmp_path,
                                                                   deterministic_latency):
     """An agent found the budget unreachable, but the timing made for the message meets it: the refusal
     says the budget is at the noise floor instead of listing no reason."""
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, ignore=IGNORE)
-    ctx = SearchContext(ev, [parse_budget("latency", "99%")], open_study("n", f"sqlite:///{tmp_path}/db"), "uniform")
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, ignore=IGNORE)
+    ctx = SearchContext(ev, Budgets([parse_budget("latency", "99%")], ev), open_study("n", f"sqlite:///{tmp_path}/db"),
+                        "uniform")
     with pytest.raises(InputError, match="at the edge of what this model can reach"):
-        ctx.unreachable()
+        ctx.budgets.unreachable()

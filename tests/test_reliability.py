@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autoprune.budget import parse_budget
+from autoprune.config import SearchConfig, SourceConfig
 from autoprune.errors import InputError
 from autoprune.runner import prepare, run_search, run_worker
 from autoprune.study import completed, load_study
@@ -81,10 +81,16 @@ def test_ctrl_c_marks_the_running_trial_failed_and_the_same_command_resumes(tmp_
     assert len({t.user_attrs["policy"] for t in done}) == after_kill + 1
 
 
+def _search(storage, agent, **settings):
+    """A search as `autoprune search` runs it (its source recorded, so that workers can rebuild it)."""
+    setup = prepare(SourceConfig(pretrain_steps=40), device="cpu")
+    config = SearchConfig(agent=agent, budgets={"flops": "50%"}, storage=storage, study=STUDY, device="cpu",
+                          bn_batches=3, **settings)
+    return run_search(setup.model, setup.task, config, info=setup.info, final=False)
+
+
 def _seed_study(storage):
-    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
-    run_search(setup, [parse_budget("flops", "50%")], agent="random", storage=storage, study=STUDY, trials=1,
-               device="cpu", evaluator_settings={"bn_batches": 3}, final=False)
+    _search(storage, "random", trials=1)
 
 
 def _three_workers(storage, total):
@@ -155,8 +161,6 @@ def test_three_workers_share_one_postgresql_study(postgres):
 
 def test_agents_that_cannot_share_a_study_refuse_workers(tmp_path):
     storage = f"sqlite:///{tmp_path}/u.db"
-    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
-    run_search(setup, [parse_budget("flops", "50%")], agent="uniform", storage=storage, study=STUDY,
-               device="cpu", evaluator_settings={"bn_batches": 3}, final=False)
+    _search(storage, "uniform")
     with pytest.raises(InputError, match="cannot share its study.*random"):
         run_worker(STUDY, storage, device="cpu")

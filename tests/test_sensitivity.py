@@ -1,29 +1,33 @@
 """The sensitivity agent: one probe per (group, ratio) kept in a scan study that searches at other
-budgets, resumed searches and workers reuse; one threshold bisected to the budget; the report's plot."""
+budgets, resumed searches and workers reuse; processes share the probes through the scan study's queue,
+with a heartbeat on database storages; one threshold bisected to the budget; the report's plot."""
 
 import json
-import socket
-import subprocess
+import time
+import warnings
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
-from autoprune.agents import SearchContext, get_agent
+import autoprune.study
+from autoprune.agents import Limits, SearchContext, get_agent
 from autoprune.agents.sensitivity import (
     PLATEAU_SLOPE,
-    _Claims,
     bisect_threshold,
     monotone,
+    probe_key,
     ratio_at,
     ratios_at,
     scan_drops,
     scan_identity,
     scan_name,
 )
-from autoprune.budget import parse_budget
+from autoprune.budget import Budgets, parse_budget
+from autoprune.config import SearchConfig, SourceConfig
 from autoprune.errors import InputError
 from autoprune.evaluator import Evaluator
-from autoprune.study import completed, load_study, open_study, record
+from autoprune.study import GRACE_BEATS, completed, load_study, open_storage, open_study
 
 # four groups (layer3's) and two ratios: eight probes per scan
 IGNORE = ("layer1.*", "layer2.*")
@@ -32,16 +36,17 @@ INFO = {"name": "resnet20", "dataset": "digits", "in_channels": 1, "num_classes"
 
 
 @pytest.fixture
-def fresh_evaluator(trained_resnet20, digits):
+def fresh_evaluator(trained_resnet20, digits_task):
     # a new evaluator per search: a new process starts with an empty cache and counts from zero
-    return lambda: Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, ignore=IGNORE,
+    return lambda: Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, ignore=IGNORE,
                              model_info=INFO)
 
 
-def search(evaluator, storage, budget="85%", study=None):
-    b = parse_budget("flops", budget)
+def search(evaluator, storage, budget="85%", study=None, timeout=None):
+    budgets = Budgets([parse_budget("flops", budget)], evaluator)
     st = open_study(study or f"resnet20-digits-sensitivity-flops{budget.rstrip('%')}", storage)
-    ctx = SearchContext(evaluator, [b], st, "sensitivity", n_trials=1)
+    ctx = SearchContext(evaluator, budgets, st, "sensitivity", limits=Limits(1, timeout),
+                        storage=open_storage(storage))
     return ctx, get_agent("sensitivity")(ratios=RATIOS).search(ctx)
 
 
@@ -51,10 +56,11 @@ def probes(storage, evaluator):
 
 
 @pytest.fixture(scope="module")
-def scanned(trained_resnet20, digits, tmp_path_factory):
+def scanned(trained_resnet20, digits_task, tmp_path_factory):
     """One search at 85 % FLOPs: its storage, context and result."""
     storage = f"sqlite:///{tmp_path_factory.mktemp('sens')}/s.db"
-    ev = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, ignore=IGNORE, model_info=INFO)
+    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, ignore=IGNORE,
+                   model_info=INFO)
     ctx, result = search(ev, storage)
     return storage, ctx, result
 
@@ -87,10 +93,12 @@ def test_groups_level_at_the_threshold_go_along_their_plateaus_together():
 def test_options_are_checked():
     assert get_agent("sensitivity")(ratios="0.5, 0.1,0.5").ratios == (0.1, 0.5)
     assert get_agent("sensitivity")(ratios=[0.2, 0.4]).ratios == (0.2, 0.4)  # as a worker reads them back
-    with pytest.raises(InputError, match="--sensitivity-ratios '0.5,1.2'"):
+    with pytest.raises(InputError, match=r"sensitivity option ratios='0.5,1.2': give fractions removed in \(0, 1\)"):
         get_agent("sensitivity")(ratios="0.5,1.2")
-    with pytest.raises(InputError, match="--sensitivity-probe-steps must be >= 0"):
+    with pytest.raises(InputError, match="sensitivity option probe_steps=-1: must be an integer >= 0"):
         get_agent("sensitivity")(probe_steps=-1)
+    with pytest.raises(InputError, match="sensitivity option stale_after=60: no such option"):  # heartbeats now
+        get_agent("sensitivity")(stale_after=60)
 
 
 def test_bad_ratios_on_the_command_line_give_one_line_and_exit_code_2(capsys, monkeypatch):
@@ -102,7 +110,7 @@ def test_bad_ratios_on_the_command_line_give_one_line_and_exit_code_2(capsys, mo
     monkeypatch.setattr("autoprune.runner.prepare", no_training)
     assert main(["search", "--agent", "sensitivity", "--sensitivity-ratios", "0.5,2", "--budget-flops", "50%"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("autoprune: error: --sensitivity-ratios '0.5,2'")
+    assert len(err) == 1 and err[0].startswith("autoprune: error: --sensitivity-ratios 0.5,2: give fractions removed")
 
 
 def test_the_scan_records_one_trial_per_group_and_ratio(scanned):
@@ -118,7 +126,8 @@ def test_the_scan_records_one_trial_per_group_and_ratio(scanned):
         ratios = json.loads(t.user_attrs["policy"])["ratios"]
         assert ratios == {g: (t.params["ratio"] if g == t.params["group"] else 0.0) for g in names}
         assert t.user_attrs["agent"] == "sensitivity" and t.user_attrs["finetune_steps"] == 0
-        assert t.user_attrs["accuracy"] == t.value
+        assert t.user_attrs["metric"] == "accuracy"
+        assert t.user_attrs["score"] == t.user_attrs["accuracy"] == t.value
     assert ctx.study.user_attrs["sensitivity_scan"] == scan.study_name
 
 
@@ -136,7 +145,7 @@ def test_one_threshold_gives_a_policy_that_meets_the_budget_tightly(scanned):
     curves = {g: monotone(d, PLATEAU_SLOPE) for g, d in drops.items()}
     assert ratios_at(curves, threshold) == pytest.approx(info["ratios"])
     # the smallest threshold that fits (0 when groups lose nothing up to ratios that meet the budget)
-    assert threshold == 0 or not ctx.fits(ratios_at(curves, max(0.0, threshold - 1e-4)))
+    assert threshold == 0 or not ctx.budgets.fits(ratios_at(curves, max(0.0, threshold - 1e-4)))
     assert all(0 <= r <= 0.6 for r in result.policy.ratios.values())
 
 
@@ -152,16 +161,16 @@ def test_a_search_at_another_budget_runs_no_new_probe(scanned, fresh_evaluator):
     assert ctx.study.user_attrs["sensitivity"]["threshold"] >= first.study.user_attrs["sensitivity"]["threshold"]
 
 
-def test_scan_identity_changes_with_what_a_probe_depends_on_only(trained_resnet20, digits, fresh_evaluator):
+def test_scan_identity_changes_with_what_a_probe_depends_on_only(trained_resnet20, digits_task, fresh_evaluator):
     ev = fresh_evaluator()
     name = scan_name(scan_identity(ev, 0))
     # the budget-free settings may change: another --ignore, another evaluator object
-    other_ignore = Evaluator(trained_resnet20, digits, device="cpu", bn_batches=2, seed=0, model_info=INFO)
+    other_ignore = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, model_info=INFO)
     assert scan_name(scan_identity(other_ignore, 0)) == name
     assert scan_name(scan_identity(ev, 5)) != name  # fine-tuned probes
     for changed in ({"bn_batches": 3}, {"seed": 1}, {"criterion": "l2"}):
         kw = dict(device="cpu", bn_batches=2, seed=0, ignore=IGNORE, model_info=INFO) | changed
-        assert scan_name(scan_identity(Evaluator(trained_resnet20, digits, **kw), 0)) != name, changed
+        assert scan_name(scan_identity(Evaluator(trained_resnet20, digits_task, **kw), 0)) != name, changed
 
 
 def test_an_interrupted_scan_resumes_with_the_missing_probes_only(fresh_evaluator, tmp_path):
@@ -192,53 +201,127 @@ def test_an_interrupted_scan_resumes_with_the_missing_probes_only(fresh_evaluato
     assert result.policy is not None
 
 
-def test_a_worker_leaves_alone_the_probes_another_worker_holds(fresh_evaluator, tmp_path):
+@pytest.fixture
+def heartbeat(monkeypatch):
+    """``heartbeat(seconds)``: database storages opened from now on beat every ``seconds`` (a fresh storage
+    per URL, so that the setting takes)."""
+
+    def set_to(seconds):
+        monkeypatch.setattr(autoprune.study, "HEARTBEAT_SECONDS", seconds)
+        monkeypatch.setattr(autoprune.study, "_STORAGES", {})
+        return seconds
+
+    return set_to
+
+
+def probe_elsewhere(storage, ev, group, ratio):
+    """What another process's scan does with a probe it takes from the queue: the probe is queued, the
+    process takes it (a RUNNING trial, its params suggested) and records a heartbeat. Returns the scan
+    and the live trial."""
+    scan = open_study(scan_name(scan_identity(ev, 0)), storage, sampler=optuna.samplers.RandomSampler())
+    scan.enqueue_trial({"group": group, "ratio": ratio}, user_attrs={"sensitivity_probe": True})
+    with warnings.catch_warnings():  # a process of the scan takes its probes in study.optimize; here by hand
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = scan.ask()
+    assert trial.suggest_categorical("group", [g.name for g in ev.space.groups]) == group
+    assert trial.suggest_float("ratio", 0.0, 1.0) == ratio
+    open_storage(storage).record_heartbeat(trial._trial_id)
+    assert scan.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0].number == trial.number
+    return scan, trial
+
+
+def counting(ev):
+    """Record the policies ``ev`` evaluates itself (cache hits and study lookups excluded)."""
+    seen, real = [], ev.evaluate
+
+    def evaluate(policy, finetune_steps=0, split="val"):
+        seen.append(dict(policy.ratios))
+        return real(policy, finetune_steps, split)
+
+    ev.evaluate = evaluate
+    return seen
+
+
+def test_a_worker_leaves_alone_the_probes_another_worker_is_measuring(fresh_evaluator, tmp_path, heartbeat):
+    heartbeat(600)  # the other worker's heartbeat stays live through the test
     storage = f"sqlite:///{tmp_path}/s.db"
     ev, other = fresh_evaluator(), fresh_evaluator()
-    scan = open_study(scan_name(scan_identity(ev, 0)), storage)
     group = ev.space.names[0]
-    dists = {"group": optuna.distributions.CategoricalDistribution([g.name for g in ev.space.groups]),
-             "ratio": optuna.distributions.FloatDistribution(0.0, 1.0)}
-    elsewhere = _Claims(scan, "sensitivity", 3600.0, "elsewhere:1:x")
-    elsewhere.host = "another-machine"
-    held = elsewhere.take(f"{group}@0.3", {"group": group, "ratio": 0.3}, dists)
-    assert held is not None
-    # a second claim on the same probe loses to the earlier one
-    assert _Claims(scan, "sensitivity", 3600.0, "t").take(f"{group}@0.3", {"group": group, "ratio": 0.3},
-                                                           dists) is None
+    scan, held = probe_elsewhere(storage, other, group, 0.3)
+    mine = counting(ev)
     real = ev.evaluate
+    elsewhere = SearchContext(other, Budgets([parse_budget("flops", "85%")], other), scan, "sensitivity",
+                              storage=open_storage(storage))
 
     def the_other_worker_finishes_meanwhile(policy, finetune_steps=0, split="val"):
-        if ev.evaluations == 0:
-            probe = other.policy({group: 0.3})
-            record(scan, probe, other.evaluate(probe), agent="sensitivity", feasible=True, constraints=[],
-                   base=other.base, claim=held)
+        if ev.evaluations == 0:  # while this worker measures its first probe, the other records its own
+            scan.tell(held, elsewhere.evaluate(other.policy({group: 0.3}), trial=held).score)
         return real(policy, finetune_steps, split)
 
     ev.evaluate = the_other_worker_finishes_meanwhile
     search(ev, storage)
-    assert ev.evaluations == 7 + 1  # every probe but the one held elsewhere, then the final policy
+    assert ev.evaluations == 7 + 1  # every probe but the one measured elsewhere, then the final policy
+    assert {group: 0.3} not in [{g: r for g, r in ratios.items() if r} for ratios in mine]
     trials = scan.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == len({(t.params["group"], t.params["ratio"]) for t in done}) == 8
-    assert [t.user_attrs["fail_reason"] for t in trials if t.state == optuna.trial.TrialState.FAIL] == [
-        f"claimed twice: trial {held} measures it"]
+    assert not [t for t in trials if t.state != TrialState.COMPLETE]  # no probe taken twice, none left over
+    assert len(trials) == len({probe_key(t.params) for t in trials}) == 8
+    assert scan.trials[held.number].user_attrs["score"] == other.evaluate(other.policy({group: 0.3})).score
 
 
-def test_a_claim_of_an_ended_process_on_this_machine_is_taken_over(tmp_path, monkeypatch):
-    scan = open_study("claims", f"sqlite:///{tmp_path}/s.db")
-    dists = {"ratio": optuna.distributions.FloatDistribution(0.0, 1.0)}
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    with monkeypatch.context() as m:  # the claim is made by the process that has ended since
-        m.setattr("autoprune.agents.sensitivity.os.getpid", lambda: ended.pid)
-        number = _Claims(scan, "sensitivity", 3600.0, "ended").take("a@0.5", {"ratio": 0.5}, dists)
-    done, running = _Claims(scan, "sensitivity", 3600.0, "alive").state()
-    assert not done and not running  # free to claim again
-    failed = scan.get_trials(deepcopy=False)[number]
-    assert failed.state == optuna.trial.TrialState.FAIL
-    reason = f"claim abandoned: process {ended.pid} on {socket.gethostname()} has ended"
-    assert failed.user_attrs["fail_reason"] == reason
+def test_a_worker_waits_for_a_probe_another_worker_is_measuring(fresh_evaluator, tmp_path, heartbeat,
+                                                                monkeypatch):
+    """The last probe missing is held elsewhere: the scan waits for it rather than measuring it too."""
+    heartbeat(600)
+    monkeypatch.setattr("autoprune.agents.sensitivity.POLL_SECONDS", 0.05)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    ev, other = fresh_evaluator(), fresh_evaluator()
+    group = ev.space.names[-1]
+    scan, held = probe_elsewhere(storage, other, group, 0.6)
+    elsewhere = SearchContext(other, Budgets([parse_budget("flops", "85%")], other), scan, "sensitivity",
+                              storage=open_storage(storage))
+    waited = []
+
+    class Clock:  # the agent's time module, its sleeps seen (the time module itself is left alone)
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds):
+            waited.append(seconds)
+            if len(waited) == 3:  # the other worker records its probe while this one waits
+                scan.tell(held, elsewhere.evaluate(other.policy({group: 0.6}), trial=held).score)
+            time.sleep(seconds)
+
+    monkeypatch.setattr("autoprune.agents.sensitivity.time", Clock())
+    _, result = search(ev, storage, timeout=60)  # a scan that waited for ever would end unfinished
+    assert result.info["scan_complete"] and result.policy is not None
+    assert len(waited) >= 3
+    assert ev.evaluations == 7 + 1
+    trials = scan.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+
+
+def test_a_probe_whose_process_died_is_measured_again(fresh_evaluator, tmp_path, heartbeat):
+    beat = heartbeat(1)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    ev = fresh_evaluator()
+    group = ev.space.names[1]
+    scan, dead = probe_elsewhere(storage, fresh_evaluator(), group, 0.3)
+    time.sleep(GRACE_BEATS * beat + 1.1)  # the process died: no heartbeat since, past the grace period
+    mine = counting(ev)
+    _, result = search(ev, storage, timeout=60)  # a scan that waited for the dead process would end unfinished
+    assert result.info["scan_complete"] and result.policy is not None
+    trials = scan.get_trials(deepcopy=False)
+    assert trials[dead.number].state == TrialState.FAIL  # failed by Optuna for its stale heartbeat
+    assert ev.evaluations == 8 + 1  # the dead process's probe too, then the final policy
+    assert {group: 0.3} in [{g: r for g, r in ratios.items() if r} for ratios in mine]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == len({probe_key(t.params) for t in done}) == 8
+    again = next(t for t in done if probe_key(t.params) == (group, 0.3))
+    # queued again by the heartbeat's retry callback, not as a new probe
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(again) == dead.number
 
 
 def test_export_gives_the_final_policy_never_a_probe(tmp_path):
@@ -268,10 +351,10 @@ def test_a_worker_rebuilds_the_search_and_finishes_its_scan(tmp_path):
     from autoprune.runner import export, prepare, run_search, run_worker
 
     storage = f"sqlite:///{tmp_path}/s.db"
-    setup = prepare("resnet20", "digits", pretrain_steps=40, device="cpu")
-    outcome = run_search(setup, [parse_budget("flops", "85%")], agent="sensitivity", storage=storage,
-                         agent_options={"ratios": RATIOS}, ignore=IGNORE, timeout=1e-9, device="cpu",
-                         evaluator_settings={"bn_batches": 2}, final=False)
+    setup = prepare(SourceConfig(pretrain_steps=40), device="cpu")
+    config = SearchConfig(agent="sensitivity", budgets={"flops": "85%"}, storage=storage,
+                          agent_options={"ratios": RATIOS}, ignore=IGNORE, timeout=1e-9, device="cpu", bn_batches=2)
+    outcome = run_search(setup.model, setup.task, config, info=setup.info, final=False)
     assert outcome.policy is None and outcome.info["probes_measured"] == 0  # time was up at once
     st = outcome.study
     run_worker(st.study_name, storage, device="cpu")

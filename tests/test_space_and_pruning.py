@@ -47,7 +47,7 @@ def test_predicted_flops_and_params_equal_the_pruned_model(space, seed):
     pruner = ChannelPruner(space)
     policy = random_policy(space, seed)
     pruned = pruner.prune(policy)
-    x = space.example_input
+    x = space.example_inputs
     assert pruned(x).shape == (1, 10)
     assert space.flops(policy.ratios) == count_flops(pruned, x)
     assert space.params(policy.ratios) == count_params(pruned)
@@ -73,12 +73,12 @@ def test_pruning_matches_torch_pruning_group_by_group(space):
     import copy
 
     theirs = copy.deepcopy(space.model)
-    dg = tp.DependencyGraph().build_dependency(theirs, example_inputs=space.example_input)
+    dg = tp.DependencyGraph().build_dependency(theirs, example_inputs=space.example_inputs)
     modules = dict(theirs.named_modules())
     for name, idxs in removed.items():
         handler = space._handlers[name]
         dg.get_pruning_group(modules[name], handler, idxs).prune()
-    x = torch.randn_like(space.example_input)
+    x = torch.randn_like(space.example_inputs)
     torch.testing.assert_close(ours(x), theirs(x))
 
 

@@ -4,6 +4,7 @@ from autoprune.agents import amc, gates, icepick, netadapt, random, sensitivity,
 from autoprune.agents.base import (
     AGENTS,
     Agent,
+    Limits,
     Option,
     Reporter,
     SearchContext,
@@ -16,6 +17,7 @@ from autoprune.agents.base import (
 __all__ = [
     "AGENTS",
     "Agent",
+    "Limits",
     "Option",
     "Reporter",
     "SearchContext",

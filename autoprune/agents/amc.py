@@ -81,7 +81,7 @@ class Episode:
     sigma: float | None
     reward: float
     ratios: dict[str, float]
-    accuracy: float | None
+    score: float | None  # the task objective of the episode's policy
 
 
 @register
@@ -97,19 +97,21 @@ class AMCAgent(Agent):
     default_trials = 100
     options = {
         "warmup": Option(int, None, "episodes of random actions before the actor acts "
-                         "(default min(100, trials // 4); the paper uses 100)"),
-        "sigma": Option(float, 0.5, "initial std of the truncated-normal exploration noise"),
-        "sigma_decay": Option(float, 0.95, "exploration std multiplier per episode after the warm-up"),
+                         "(default min(100, trials // 4); the paper uses 100)", low=0),
+        "sigma": Option(float, 0.5, "initial std of the truncated-normal exploration noise", low=0.0),
+        "sigma_decay": Option(float, 0.95, "exploration std multiplier per episode after the warm-up", low=0.0,
+                              high=1.0, low_open=True),
         "reward": Option(str, "error_log_flops", "episode reward: -Error*log(FLOPs) or -Error", choices=REWARDS),
-        "keep_floor": Option(float, 0.2, "smallest fraction of a group's channels kept"),
-        "actor_lr": Option(float, 1e-4, "actor learning rate"),
-        "critic_lr": Option(float, 1e-3, "critic learning rate"),
-        "tau": Option(float, 0.01, "soft target-network update rate"),
-        "discount": Option(float, 1.0, "discount factor gamma"),
-        "batch_size": Option(int, 64, "replay batch size"),
-        "hidden": Option(int, 300, "units in each of the two hidden layers of actor and critic"),
-        "baseline_alpha": Option(float, 0.5, "update rate of the moving-average reward baseline"),
-        "updates": Option(int, None, "gradient steps after each episode (default: one per layer)"),
+        "keep_floor": Option(float, 0.2, "smallest fraction of a group's channels kept", low=0.0, high=1.0,
+                             high_open=True),
+        "actor_lr": Option(float, 1e-4, "actor learning rate", low=0.0, low_open=True),
+        "critic_lr": Option(float, 1e-3, "critic learning rate", low=0.0, low_open=True),
+        "tau": Option(float, 0.01, "soft target-network update rate", low=0.0, high=1.0, low_open=True),
+        "discount": Option(float, 1.0, "discount factor gamma", low=0.0, high=1.0),
+        "batch_size": Option(int, 64, "replay batch size", low=1),
+        "hidden": Option(int, 300, "units in each of the two hidden layers of actor and critic", low=1),
+        "baseline_alpha": Option(float, 0.5, "update rate of the moving-average reward baseline", low=0.0, high=1.0),
+        "updates": Option(int, None, "gradient steps after each episode (default: one per layer)", low=1),
     }
 
     def __init__(self, **options: Any) -> None:
@@ -122,8 +124,9 @@ class AMCAgent(Agent):
         if env.relaxed_floor:
             ctx.reporter.message(f"keep floor {self.keep_floor:g} cannot meet the budget; "
                                  f"lowered to {env.keep_floor:.2f}")
-        episodes = ctx.n_trials if ctx.n_trials is not None else (
-            10**9 if ctx.timeout is not None else self.default_trials)
+        limits = ctx.limits
+        episodes = limits.n_trials if limits.n_trials is not None else (
+            10**9 if limits.timeout is not None else self.default_trials)
         history = self.learn(env, episodes, seed=ctx.seed, stop=ctx.should_stop, reporter=ctx.reporter.message)
         best = ctx.best()
         best.info.update(
@@ -204,7 +207,7 @@ class AMCAgent(Agent):
                 model.train(gradient_steps=self.updates or len(steps), batch_size=self.batch_size)
             result = info.get("evaluation")
             history.append(Episode(number, phase, sigma, float(reward), info["ratios"],
-                                   result.accuracy if result is not None else None))
+                                   result.score if result is not None else None))
         return history
 
     def _explore(self, obs: np.ndarray, sigma: float, rng: np.random.Generator) -> float:

@@ -6,7 +6,7 @@ network whose weights stay at their random initialisation, then read the pruned 
 2. The weights are frozen at a fresh random initialisation (``--gates-from pretrained``: the trained
    ones); the gates start at 1 and are learned with Adam (lr 0.01) on
    ``CE + lambda * (mean|g| - r)^2`` (Eq. 2; lambda 0.5, r 0.2), clamped to [0, 1] after each step.
-3. Every ``snapshot_every`` steps the gates are kept with the gated network's validation accuracy.
+3. Every ``snapshot_every`` steps the gates are kept with the gated network's validation objective.
    The run's gates are the most accurate snapshot among those that reached the target sparsity,
    here read as ``mean|g| <= r + sparsity_tol`` (the quantity the regulariser drives to r).
 4. One global threshold over all gates is bisected until the pruned structure meets every budget
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from optuna.distributions import FloatDistribution
 from torch import nn
 
@@ -45,7 +44,8 @@ from autoprune.models._init import kaiming_init
 from autoprune.policy import Policy
 from autoprune.pruning.gates import ChannelGates, sparsity_penalty, threshold_structure
 from autoprune.study import completed, evaluation_of, policy_of
-from autoprune.training import autocast, score, train_steps
+from autoprune.task import Task
+from autoprune.training import autocast, train_steps
 
 SCRATCH_LR = 0.1  # peak LR of the from-scratch training (cosine, SGD momentum 0.9, as CIFAR ResNets use)
 
@@ -68,12 +68,13 @@ def _floats(text: str | float | Sequence[float]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The gates after ``step`` steps, their mean absolute value and the gated network's accuracy."""
+    """The gates after ``step`` steps, their mean absolute value and the gated network's validation
+    objective (the task's metric)."""
 
     step: int
     gates: dict[str, torch.Tensor]
     mean: float
-    accuracy: float
+    score: float
 
 
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:
@@ -91,20 +92,22 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
 def learn_gates(
     model: nn.Module,
     gates: ChannelGates,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    task: Task,
+    batches: Iterator,
     *,
     steps: int,
     lr: float,
     lam: float,
     r: float,
     snapshot_every: int,
-    accuracy: Any,
+    score: Any,
     amp: bool = False,
 ) -> list[Snapshot]:
-    """Learn ``gates`` on the frozen ``model`` (Sec. 3.1) and return the snapshots taken.
+    """Learn ``gates`` on the frozen ``model`` (Sec. 3.1) and return the snapshots taken: ``task.loss``
+    (cross-entropy for a classifier) plus ``lam`` times the sparsity penalty.
 
     Only the gates are optimised (Adam); the model's parameters get no gradient. Batch norm runs in
-    training mode (batch statistics), as when the weights themselves are trained. ``accuracy(model)``
+    training mode (batch statistics), as when the weights themselves are trained. ``score(model)``
     scores the gated model for a snapshot.
     """
     for p in model.parameters():
@@ -114,16 +117,16 @@ def learn_gates(
     snapshots = []
 
     def snap(step: int) -> None:
-        acc = accuracy(model)
+        value = score(model)
         model.train()
         with torch.no_grad():
             mean = float(gates.vector().abs().mean())
-        snapshots.append(Snapshot(step, gates.as_dict(), mean, acc))
+        snapshots.append(Snapshot(step, gates.as_dict(), mean, value))
 
     model.train()
-    for step, (x, y) in zip(range(1, steps + 1), batches):
+    for step, batch in zip(range(1, steps + 1), batches):
         with autocast(device, amp):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = task.loss(task.forward(model, batch), batch).float()
         loss = loss + lam * sparsity_penalty(gates.vector(), r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,12 +137,12 @@ def learn_gates(
     return snapshots
 
 
-def choose(snapshots: list[Snapshot], r: float, tol: float) -> tuple[Snapshot, bool]:
-    """The most accurate snapshot whose mean |gate| reached ``r`` (within ``tol``; later wins a tie),
-    and whether any did; if none did, the sparsest one."""
+def choose(snapshots: list[Snapshot], r: float, tol: float, sign: float = 1.0) -> tuple[Snapshot, bool]:
+    """The best-scoring snapshot (``sign`` -1 for a minimised objective) whose mean |gate| reached ``r``
+    (within ``tol``; later wins a tie), and whether any did; if none did, the sparsest one."""
     reached = [s for s in snapshots if s.mean <= r + tol]
     if reached:
-        return max(reached, key=lambda s: (s.accuracy, s.step)), True
+        return max(reached, key=lambda s: (sign * s.score, s.step)), True
     return min(snapshots, key=lambda s: (s.mean, -s.step)), False
 
 
@@ -153,29 +156,24 @@ class GatesAgent(Agent):
     default_trials = 10
     channel_only = True  # the gates rank channels, and the structure keeps whole channels
     options = {
-        "lambda": Option(_floats, 0.5, "weight of the sparsity regulariser (comma-separated: one run each)"),
-        "r": Option(_floats, 0.2, "target mean gate r (comma-separated: one run each)"),
-        "steps": Option(int, 300, "gate-learning steps per run"),
-        "lr": Option(float, 0.01, "Adam learning rate of the gates"),
-        "snapshot_every": Option(int, 25, "steps between gate snapshots"),
-        "sparsity_tol": Option(float, 0.05, "a snapshot has reached r when mean|g| <= r + this"),
+        "lambda": Option(_floats, 0.5, "weight of the sparsity regulariser (comma-separated: one run each)",
+                         low=0.0, metavar="X[,X...]", accepts="give numbers >= 0, separated by commas"),
+        "r": Option(_floats, 0.2, "target mean gate r (comma-separated: one run each)", low=0.0, high=1.0,
+                    metavar="X[,X...]", accepts="give numbers in [0, 1], separated by commas"),
+        "steps": Option(int, 300, "gate-learning steps per run", low=1),
+        "lr": Option(float, 0.01, "Adam learning rate of the gates", low=0.0, low_open=True),
+        "snapshot_every": Option(int, 25, "steps between gate snapshots", low=1),
+        "sparsity_tol": Option(float, 0.05, "a snapshot has reached r when mean|g| <= r + this", low=0.0),
         "from": Option(str, "random", "weights the gates are learned on", choices=("random", "pretrained")),
         "keep": Option(str, "auto", "which channels the structure keeps: the largest gates, or the criterion's "
                        "choice on the trained weights (auto: gates when learned on the pretrained weights, "
                        "else the criterion)", choices=("auto", "gates", "criterion")),
         "train_from_scratch": Option(int, 0, "also train the chosen structure from fresh weights this many "
-                                     "steps and record it as a trial (0: off)"),
+                                     "steps and record it as a trial (0: off)", low=0),
     }
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        lambdas, rs = _floats(getattr(self, "lambda")), _floats(self.r)
-        for name, value in (("steps", self.steps), ("snapshot_every", self.snapshot_every)):
-            if int(value) < 1:
-                raise InputError(f"--gates-{name.replace('_', '-')} must be >= 1, got {value}")
-        if any(not 0.0 <= r <= 1.0 for r in rs):
-            raise InputError(f"--gates-r must be in [0, 1], got {', '.join(map(str, rs))}")
-        if any(lam < 0 for lam in lambdas):
-            raise InputError(f"--gates-lambda must be >= 0, got {', '.join(map(str, lambdas))}")
+        lambdas, rs = getattr(self, "lambda"), self.r  # tuples, checked with the options
         ev = ctx.evaluator
         runs: list[tuple[Policy, Evaluation, dict[str, Any]]] = []
         for i, (lam, r) in enumerate((lam, r) for lam in lambdas for r in rs):
@@ -195,12 +193,12 @@ class GatesAgent(Agent):
                 policy = ev.policy(ratios)
             info = {
                 **settings, "gates_step": snapshot.step, "gates_mean": snapshot.mean,
-                "gates_accuracy": snapshot.accuracy, "gates_reached_r": reached,
+                "gates_score": snapshot.score, "gates_reached_r": reached,
                 "gates_seconds": time.perf_counter() - t0,
             }
             ctx.reporter.message(
                 f"gates run {i}: lambda {lam:g}, r {r:g}: snapshot at step {snapshot.step}, "
-                f"mean|g| {snapshot.mean:.3f}, gated accuracy {snapshot.accuracy:.2%}"
+                f"mean|g| {snapshot.mean:.3f}, gated {ctx.task.metric} {ctx.task.format(snapshot.score)}"
             )
             result = ctx.evaluate(policy, params={"lambda": lam, "r": r},
                                   distributions=_distributions(lam), extra=info)
@@ -211,11 +209,12 @@ class GatesAgent(Agent):
         if not runs:
             best.info["failed"] = True
             return best
-        policy, result, info = max(runs, key=lambda t: (t[1].accuracy, -t[1].flops))
+        sign = ctx.task.sign
+        policy, result, info = max(runs, key=lambda t: (sign * t[1].score, -t[1].flops))
         best.info.update({k: v for k, v in info.items() if k != "gates_role"})
         if self.train_from_scratch > 0 and not ctx.should_stop():
             scratch = self.scratch(ctx, policy, info)
-            best.info["scratch_accuracy"] = scratch.accuracy
+            best.info["scratch_score"] = scratch.score
             best = _with_info(ctx.best(), best.info)
         return best
 
@@ -252,28 +251,37 @@ class GatesAgent(Agent):
         if getattr(self, "from") == "random":
             reinitialise(model, ctx.seed + run)
         gates = ChannelGates(ev.space, model)
-        gen = torch.Generator(device=ev.device).manual_seed(ctx.seed + run)
-        train = ev.data.loader("train", ev.batch_size, ev.device, shuffle=True, augment=True,
-                               generator=gen, drop_last=True)
-        val = ev.data.loader("val", ev.eval_batch_size, ev.device)
         snapshots = learn_gates(
-            model, gates, train.infinite(), steps=self.steps, lr=self.lr, lam=lam, r=r,
-            snapshot_every=self.snapshot_every, accuracy=lambda m: score(m, val, ev.amp)[0], amp=ev.amp,
+            model, gates, ctx.task, ctx.task.train_batches(ctx.seed + run), steps=self.steps, lr=self.lr, lam=lam,
+            r=r, snapshot_every=self.snapshot_every, score=lambda m: ev.metrics_of(m, "val")[ev.metric],
+            amp=ev.amp,
         )
         gates.remove()
-        snapshot, reached = choose(snapshots, r, self.sparsity_tol)
+        snapshot, reached = choose(snapshots, r, self.sparsity_tol, ctx.task.sign)
         return snapshot.gates, snapshot, reached
 
     # -- step 4: one global threshold ---------------------------------------------------------
     def structure(self, ctx: SearchContext, gates: dict[str, torch.Tensor]
                   ) -> tuple[dict[str, float], dict[str, list[int]]]:
         try:
-            return threshold_structure(gates, ctx.fits, ctx.max_ratio)
+            return threshold_structure(gates, ctx.budgets.fits, ctx.budgets.max_ratio)
         except ValueError:
-            ctx.unreachable()
-            raise InputError("budget cannot be met at --max-ratio with at least one channel per group") from None
+            ctx.budgets.unreachable()
 
     # -- step 5 (optional): the pruned architecture trained from scratch ----------------------
+    @classmethod
+    def rebuild(cls, evaluator: Any, policy: Policy, finetune_steps: int) -> nn.Module:
+        """A policy trained from scratch (``search.gates_scratch``) is trained from fresh weights again with
+        the recorded steps, LR and seed; any other is the shared evaluator's."""
+        scratch = policy.search.get("gates_scratch")
+        if not scratch:
+            return super().rebuild(evaluator, policy, finetune_steps)
+        model = reinitialise(evaluator.pruner.prune(policy), int(scratch["seed"]))
+        task = evaluator.task
+        train_steps(model, task, task.train_batches(int(scratch["seed"])), int(scratch["steps"]),
+                    float(scratch["lr"]), amp=evaluator.amp)
+        return model.eval()
+
     def scratch(self, ctx: SearchContext, policy: Policy, info: dict[str, Any]) -> Evaluation:
         ev = ctx.evaluator
         for trial in completed(ctx.study):  # a resumed search: trained and recorded already
@@ -282,16 +290,16 @@ class GatesAgent(Agent):
                     and policy_of(trial).key() == policy.key()):
                 return evaluation_of(trial)
         t0 = time.perf_counter()
-        model = reinitialise(ev.pruner.prune(policy), ctx.seed)
-        gen = torch.Generator(device=ev.device).manual_seed(ctx.seed)
-        train = ev.data.loader("train", ev.batch_size, ev.device, shuffle=True, augment=True,
-                               generator=gen, drop_last=True)
-        train_steps(model, train.infinite(), self.train_from_scratch, SCRATCH_LR, amp=ev.amp)
-        result = ev.measure(model.eval(), "val", self.train_from_scratch, t0)
+        policy = Policy(dict(policy.ratios), granularity=policy.granularity, criterion=policy.criterion,
+                        model=dict(policy.model), keep=policy.keep,
+                        search={**policy.search, "gates_scratch": {"steps": self.train_from_scratch,
+                                                                    "lr": SCRATCH_LR, "seed": ctx.seed}})
+        model = self.rebuild(ev, policy, ctx.finetune_steps)
+        result = ev.measure(model, "val", self.train_from_scratch, t0)
         extra = {**info, "gates_role": "scratch", "trained_from_scratch": True,
                  "scratch_steps": self.train_from_scratch, "scratch_lr": SCRATCH_LR}
-        return ctx.record_measured(policy, result, params={"lambda": info["gates_lambda"], "r": info["gates_r"]},
-                                   distributions=_distributions(info["gates_lambda"]), extra=extra)
+        return ctx.record(policy, result, params={"lambda": info["gates_lambda"], "r": info["gates_r"]},
+                          distributions=_distributions(info["gates_lambda"]), extra=extra)
 
 
 def _distributions(lam: float) -> dict[str, FloatDistribution]:

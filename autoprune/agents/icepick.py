@@ -5,37 +5,31 @@ search per-layer ratios: the target policy is given (uniform at the budget by de
 agent's export with ``--icepick-policy``) and ICE-Pick (:mod:`autoprune.pruning.icepick`) reaches it
 iteratively. What is searched is how: ``freeze_ratio``, ``threshold``, the LR schedule's ``base``,
 ``Δ``, ``P``, ``β`` and the fine-tune steps per stage. The authors tune these by grid; here Optuna's
-TPE does, with two objectives, the final validation accuracy (up) and the pruning time (down). Each
-ICE-Pick run is one trial of the study; the exported policy carries the chosen hyperparameters
-(``search.icepick``) and the Pareto front (``search.pareto_front``).
-
-Why a separate in-memory study for the sampler: trials reach the recorded study through the shared
-recording path (``ctx.record_model``, which adds finished trials), not through ``ask``/``tell``, so a
-sampler asked on the recorded study would leave a RUNNING trial beside every recorded one. The
-in-memory study is only TPE's scratchpad: it is rebuilt from the recorded ICE-Pick trials when a search
-starts, so a resumed search continues from everything the storage holds.
+TPE does, with two objectives, the task's validation objective and the pruning time (down). Each
+ICE-Pick run is one trial of the study, run by ``study.optimize`` with the TPE sampler, so workers
+sharing the study sample from every run recorded there (the first run uses the paper's values); the
+exported policy carries the chosen hyperparameters (``search.icepick``) and the Pareto front
+(``search.pareto_front``).
 
 The model a trial scores is ICE-Pick's own (iteratively pruned, partly frozen, threshold-guided
 fine-tunes), not the shared evaluator's prune + fine-tune of the policy; ``autoprune apply`` re-builds
-a policy with the evaluator, so its accuracy is the evaluator's, not ICE-Pick's.
+a policy with the evaluator, so its figures are the evaluator's, not ICE-Pick's. No run reads the
+test split.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
+import time
 from typing import Any
 
 import optuna
 from optuna.distributions import FloatDistribution, IntDistribution
 
 from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
-from autoprune.errors import CandidateError, InputError
-from autoprune.evaluator import Evaluation
+from autoprune.errors import CandidateError, ParameterError
 from autoprune.policy import Policy
 from autoprune.pruning.icepick import SCHEDULES, IcePick
-from autoprune.training import score
+from autoprune.study import sampling_with
 
 # DESIGN.md's typical values (base 1e-3, Δ 7.5e-4, P 0.12, β 50): the first trial of every search
 PAPER_DEFAULTS = {"freeze_ratio": 0.2, "threshold": 0.01, "base_lr": 1e-3, "delta_share": 0.75, "p": 0.12,
@@ -44,11 +38,11 @@ PAPER_DEFAULTS = {"freeze_ratio": 0.2, "threshold": 0.01, "base_lr": 1e-3, "delt
 
 @register
 class IcePickAgent(Agent):
-    """ICE-Pick iterative pruning to a target policy; TPE tunes its hyperparameters for accuracy and
+    """ICE-Pick iterative pruning to a target policy; TPE tunes its hyperparameters for the objective and
     pruning time (two objectives). Searched, per trial:
 
     - ``freeze_ratio`` in [0, 0.5]: fraction of layers frozen for each fine-tune (those that move least);
-    - ``threshold`` in [0, 0.1]: accuracy drop from the unpruned model that triggers a fine-tune;
+    - ``threshold`` in [0, 0.1]: drop of the objective from the unpruned model that triggers a fine-tune;
     - ``base_lr`` in [1e-4, 5e-2] (log) and ``delta_share`` = Δ / base in [0, 0.95]: the LR schedule's
       ``base`` and ``Δ`` (searched as a share of ``base`` so that the LR stays positive);
     - ``p`` in [0.01, 0.49] and ``beta`` in [1, 100] (log): the schedule's ``P`` and ``β``;
@@ -56,26 +50,26 @@ class IcePickAgent(Agent):
     """
 
     name = "icepick"
-    description = "ICE-Pick iterative pruning to a target policy, hyperparameters tuned by TPE (accuracy, time)"
+    description = "ICE-Pick iterative pruning to a target policy, hyperparameters tuned by TPE (objective, time)"
     default_trials = 10
-    # workers share the recorded study: each one's TPE takes in the others' finished runs before asking
+    # workers share the recorded study: TPE samples from every run recorded there
     parallel = True
-    directions = ("maximize", "minimize")  # validation accuracy, pruning seconds
+    objectives = (("pruning_seconds", "minimize"),)  # after the task's objective
     channel_only = True  # ICE-Pick removes channels itself, stage by stage
     options = {
-        "policy": Option(str, None, "target policy JSON, e.g. another agent's export (default: uniform at the budget)"),
-        "max_steps": Option(int, 40, "most SGD steps of one fine-tune the search may choose"),
-        "stages": Option(int, 0, "0: one stage per top-level block (a ResNet stage); k: k contiguous chunks"),
+        "policy": Option(str, None, "target policy JSON, e.g. another agent's export (default: uniform at the budget)",
+                         metavar="FILE"),
+        "max_steps": Option(int, 40, "most SGD steps of one fine-tune the search may choose", low=1),
+        "stages": Option(int, 0, "0: one stage per top-level block (a ResNet stage); k: k contiguous chunks", low=0),
         "schedule": Option(str, "blocks", "blocks: one more block at its target per stage; steps: every "
                            "group in equal steps", choices=SCHEDULES),
-        "probe_steps": Option(int, 5, "SGD steps of the probe that picks the layers to freeze"),
-        "distill": Option(float, 0.0, "weight of distillation from the unpruned model in the fine-tunes"),
-        "startup": Option(int, 4, "trials before TPE models the results (the first uses the paper's values)"),
+        "probe_steps": Option(int, 5, "SGD steps of the probe that picks the layers to freeze", low=0),
+        "distill": Option(float, 0.0, "weight of distillation from the unpruned model in the fine-tunes", low=0.0,
+                          high=1.0, high_open=True),
+        "startup": Option(int, 4, "trials before TPE models the results (the first uses the paper's values)", low=0),
     }
 
     def distributions(self) -> dict[str, Any]:
-        if self.max_steps < 1:
-            raise InputError(f"--icepick-max-steps must be >= 1, got {self.max_steps}")
         return {
             "freeze_ratio": FloatDistribution(0.0, 0.5),
             "threshold": FloatDistribution(0.0, 0.1),
@@ -90,14 +84,14 @@ class IcePickAgent(Agent):
         """The policy ICE-Pick prunes to: the file's (checked against the model and the budgets) or
         one uniform ratio meeting the budgets as tightly as channels allow."""
         if self.policy is None:
-            return ctx.evaluator.policy(ctx.project({}))
+            return ctx.evaluator.policy(ctx.budgets.fit())
         loaded = Policy.load(self.policy)
         loaded.check_names(ctx.evaluator.space.names, model_desc="the model searched")
-        if not ctx.fits(loaded.ratios):
-            cost = ctx.cost(loaded.ratios)
-            parts = [f"{r} {cost[r] / ctx.base[r]:.1%} of the original" for r in cost if r in ctx.base]
-            raise InputError(f"--icepick-policy {self.policy!r} does not meet the budget(s) "
-                             f"{', '.join(str(b) for b in ctx.budgets)}: {', '.join(parts)}")
+        if not ctx.budgets.fits(loaded.ratios):
+            cost, base = ctx.budgets.cost(loaded.ratios), ctx.budgets.base
+            parts = [f"{r} {cost[r] / base[r]:.1%} of the original" for r in cost if r in base]
+            raise ParameterError("policy", self.policy, f"does not meet the budget(s) {ctx.budgets}: "
+                                 f"{', '.join(parts)}", agent=self.name)
         return ctx.evaluator.policy(loaded.ratios, criterion=loaded.criterion)
 
     def pruner(self, hyper: dict[str, Any], ctx: SearchContext) -> IcePick:
@@ -108,73 +102,68 @@ class IcePickAgent(Agent):
             probe_steps=self.probe_steps, distill=self.distill, seed=ctx.seed,
         )
 
-    def sampler_study(self, ctx: SearchContext, space: dict[str, Any]) -> optuna.Study:
-        """TPE's in-memory study, holding the ICE-Pick trials the recorded study already has."""
-        sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=self.startup)
-        hp = optuna.create_study(directions=list(self.directions), sampler=sampler)
-        self._synced: set[int] = set()
-        self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        if self.sync(hp, ctx, space) == 0:
-            defaults = dict(PAPER_DEFAULTS, finetune_steps=self.max_steps)
-            hp.enqueue_trial(defaults)
-        return hp
-
-    def sync(self, hp: optuna.Study, ctx: SearchContext, space: dict[str, Any]) -> int:
-        """Add to TPE's study the recorded ICE-Pick runs it has not seen: those of an earlier run of the
-        search, and those other workers finished meanwhile (this process tells TPE its own runs)."""
-        added = 0
-        for t in ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if (t.number in self._synced or t.user_attrs.get("agent") != self.name or t.distributions != space
-                    or len(t.values) != 2 or t.user_attrs.get("icepick_worker") == self._token):
-                continue
-            hp.add_trial(optuna.trial.create_trial(params=t.params, distributions=space, values=t.values))
-            self._synced.add(t.number)
-            added += 1
-        return added
+    @classmethod
+    def rebuild(cls, evaluator: Any, policy: Policy, finetune_steps: int) -> Any:
+        """ICE-Pick's own model for ``policy``: the iterative pruning run again with the hyperparameters and
+        seed it recorded (``search.icepick``), so ``apply`` gives the model the trial scored."""
+        hp = policy.search.get("icepick")
+        if not hp:
+            return super().rebuild(evaluator, policy, finetune_steps)
+        target = Policy(dict(policy.ratios), criterion=policy.criterion)
+        run = IcePick(
+            freeze_ratio=hp["freeze_ratio"], threshold=hp["threshold"], base_lr=hp["base_lr"], delta=hp["delta"],
+            p=hp["p"], beta=hp["beta"], finetune_steps=hp["finetune_steps"], stages=hp["stages"],
+            schedule=hp["schedule"], probe_steps=hp["probe_steps"], distill=hp["distill"],
+            seed=hp.get("seed", policy.search.get("seed", 0)),
+        ).run(evaluator, target)
+        return run.model
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        if len(ctx.study.directions) != len(self.directions):
-            raise InputError(f"study {ctx.study.study_name!r} has {len(ctx.study.directions)} objective(s); "
-                             "ICE-Pick records two (accuracy, pruning time): choose another --study name")
         space = self.distributions()
         target = self.target(ctx)
         ctx.reporter.message(
             "ICE-Pick target: " + (f"uniform ratio {max(target.ratios.values()):.4f}" if self.policy is None
                                    else f"policy {self.policy}")
         )
-        hp = self.sampler_study(ctx, space)
-        test = ctx.evaluator.data.loader("test", ctx.evaluator.eval_batch_size, ctx.evaluator.device)
-        while not ctx.should_stop():
-            self.sync(hp, ctx, space)
-            trial = hp.ask(space)
-            hyper = dict(trial.params)
+        study = ctx.study
+        study.enqueue_trial(dict(PAPER_DEFAULTS, finetune_steps=self.max_steps), skip_if_exists=True)
+
+        def objective(trial: optuna.Trial) -> list[float]:
+            hyper = {name: _suggest(trial, name, dist) for name, dist in space.items()}
             pruner = self.pruner(hyper, ctx)
             try:
                 run = pruner.run(ctx.evaluator, target)
             except CandidateError as e:
-                ctx.record_failure(target, f"ICE-Pick: {e}", params=hyper, distributions=space)
-                hp.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            test_accuracy, _ = score(run.model, test, ctx.evaluator.amp)  # reported, never searched on
+                ctx.fail(target, f"ICE-Pick: {e}", trial=trial)
+                raise
+            t0 = time.perf_counter()
+            result = ctx.evaluator.measure(run.model, "val", run.finetune_steps, t0 - run.seconds)
             chosen = {**hyper, "delta": pruner.delta, "stages": self.stages, "schedule": self.schedule,
-                      "probe_steps": self.probe_steps, "distill": self.distill}
+                      "probe_steps": self.probe_steps, "distill": self.distill, "seed": ctx.seed}
             spent = {"pruning_seconds": run.seconds, "finetune_steps_spent": run.finetune_steps,
                      "probe_steps_spent": run.probe_steps, "stages_run": len(run.stages),
                      "stages_finetuned": sum(s.finetuned for s in run.stages)}
             policy = ctx.evaluator.policy(target.ratios, criterion=target.criterion,
                                           search={"icepick": {**chosen, **spent}})
+            ctx.record(policy, result, trial=trial,
+                       extra={"pruning_seconds": run.seconds, "probe_steps": run.probe_steps,
+                              "icepick_stages": [s.as_dict() for s in run.stages]})
+            return [result.score, run.seconds]
 
-            def values(r: Evaluation, seconds: float = run.seconds) -> list[float]:
-                return [r.accuracy, seconds]
-
-            result = ctx.record_model(
-                policy, run.model, run.finetune_steps, run.seconds, params=hyper, distributions=space,
-                values=values,
-                extra={"pruning_seconds": run.seconds, "probe_steps": run.probe_steps,
-                       "icepick_stages": [s.as_dict() for s in run.stages],
-                       "final_icepick_test_accuracy": test_accuracy, "icepick_worker": self._token},
-            )
-            hp.tell(trial, [result.accuracy, run.seconds])
+        sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=self.startup)
+        runs = 0
+        with sampling_with(study, sampler):
+            while not ctx.should_stop():
+                if ctx.limits.n_trials is None and ctx.limits.timeout is None and runs >= self.default_trials:
+                    break
+                study.optimize(objective, n_trials=1, catch=(CandidateError,))
+                runs += 1
         best = ctx.best()
         best.info["target"] = dict(target.ratios)
         return best
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: Any) -> Any:
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, log=dist.log)

@@ -11,8 +11,9 @@ never more than what the current model must still shed to meet the budget:
 2. *Choose which filters* — the evaluator's channel criterion (L1 magnitude by default).
 3. *Short-term fine-tune* — each proposal (one per group) is fine-tuned ``short_steps`` steps and
    scored on the validation split.
-4. *Pick the best* — the most accurate proposal (``select="accuracy"``) or the one losing the least
-   accuracy per unit of resource saved (``select="ratio"``) becomes the next iteration's start.
+4. *Pick the best* — the proposal with the best objective (``select="accuracy"``: the task's metric,
+   accuracy for a classifier) or the one losing the least of it per unit of resource saved
+   (``select="ratio"``) becomes the next iteration's start.
 
 The loop stops when every budget holds (measured: for latency, the pruned model is timed; since one
 timing on a busy machine can pass by luck, the accepted trial's recorded latency and the table's
@@ -50,8 +51,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from optuna.trial import TrialState
-
 from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
 from autoprune.evaluator import Evaluation
 from autoprune.latency_table import LatencyTable
@@ -60,7 +59,7 @@ from autoprune.space import keep_count
 
 @register
 class NetAdaptAgent(Agent):
-    """NetAdapt: per iteration, prune the one group whose short-term fine-tuned accuracy is best
+    """NetAdapt: per iteration, prune the one group whose short-term fine-tuned objective is best
     among single-group proposals that each shed the iteration's resource target.
 
     Options (``--netadapt-<option>`` on the command line)
@@ -71,7 +70,7 @@ class NetAdaptAgent(Agent):
         than 64 channels step by channels / 8 (at least 1).
     short_steps: short-term fine-tune steps per proposal (default: ``--finetune-steps``).
     long_steps: long-term fine-tune steps of the final model (200; 0 skips it).
-    select: ``accuracy`` (best short-term accuracy) or ``ratio`` (least accuracy lost per resource
+    select: ``accuracy`` (best short-term objective) or ``ratio`` (least objective lost per resource
         fraction saved).
     table_step: channel step of the latency lookup table grid (8).
     table_repeats: timed passes per measured table point, per sweep (5; 3 sweeps keep the least).
@@ -82,16 +81,20 @@ class NetAdaptAgent(Agent):
     description = "NetAdapt: iterative single-group proposals, short-term fine-tune, best kept"
     default_trials = 2000  # iterations x groups; the search ends when the budget holds
     options = {
-        "initial": Option(float, 0.025, "first iteration's resource reduction, fraction of the unpruned model"),
-        "decay": Option(float, 0.96, "decay of the resource reduction target per iteration"),
-        "step": Option(int, 8, "channels removed per step (groups under 64 channels: channels/8)"),
-        "short_steps": Option(int, None, "short-term fine-tune steps per proposal (default --finetune-steps)"),
-        "long_steps": Option(int, 200, "long-term fine-tune steps of the final model (0: none)"),
-        "select": Option(str, "accuracy", "keep the most accurate proposal, or the least accuracy lost per "
-                         "resource saved", choices=("accuracy", "ratio")),
-        "table_step": Option(int, 8, "channel step of the latency lookup table"),
-        "table_repeats": Option(int, 5, "timed passes per latency table point and sweep"),
-        "table_dir": Option(str, None, "latency table cache directory (default <cache>/latency)"),
+        "initial": Option(float, 0.025, "first iteration's resource reduction, fraction of the unpruned model",
+                          low=0.0, high=1.0, low_open=True),
+        "decay": Option(float, 0.96, "decay of the resource reduction target per iteration", low=0.0, high=1.0,
+                        low_open=True),
+        "step": Option(int, 8, "channels removed per step (groups under 64 channels: channels/8)", low=1),
+        "short_steps": Option(int, None, "short-term fine-tune steps per proposal (default --finetune-steps)",
+                              low=0),
+        "long_steps": Option(int, 200, "long-term fine-tune steps of the final model (0: none)", low=0),
+        "select": Option(str, "accuracy", "keep the proposal with the best objective (the task's metric: "
+                         "accuracy, mIoU, ...), or the least of it lost per resource saved",
+                         choices=("accuracy", "ratio")),
+        "table_step": Option(int, 8, "channel step of the latency lookup table", low=1),
+        "table_repeats": Option(int, 5, "timed passes per latency table point and sweep", low=1),
+        "table_dir": Option(str, None, "latency table cache directory (default <cache>/latency)", metavar="DIR"),
     }
 
     def search(self, ctx: SearchContext) -> SearchResult:
@@ -108,15 +111,15 @@ class NetAdaptAgent(Agent):
                                             directory=self.table_dir)
         base = {b.resource: self.resource({}, b.resource, ev) for b in ctx.budgets}
         # reachable at all? by the tracked resources or by measurement: one noisy timing must not end it
-        most = dict.fromkeys(names, ctx.max_ratio)
+        most = dict.fromkeys(names, ctx.budgets.max_ratio)
         if not names or not (all(
-            b.holds(self.resource(most, b.resource, ev) * ctx.base[b.resource] / base[b.resource],
-                    ctx.base[b.resource]) for b in ctx.budgets
-        ) or ctx.fits(most)):
-            ctx.unreachable()
+            b.holds(self.resource(most, b.resource, ev) * ctx.budgets.base[b.resource] / base[b.resource],
+                    ctx.budgets.base[b.resource]) for b in ctx.budgets
+        ) or ctx.budgets.fits(most)):
+            ctx.budgets.unreachable()
 
         current = dict.fromkeys(names, 0.0)
-        current_acc = ev.baseline("val").accuracy
+        current_acc = ev.baseline("val").score
         parent: int | None = None
         accepted: list[int] = []
         iterations: list[dict[str, Any]] = []
@@ -124,11 +127,11 @@ class NetAdaptAgent(Agent):
         reached = stopped = False
         iteration = 0
         while True:
-            cost = ctx.cost(current)  # measured latency when a latency budget is set
+            cost = ctx.budgets.cost(current)  # measured latency when a latency budget is set
             if "latency" in cost and last is not None and last.latency is not None:
                 # stop only when the accepted trial's own (recorded) latency holds too: timing is noisy
                 cost["latency"] = max(cost["latency"], last.latency)
-            over = [b for b in ctx.budgets if not b.holds(cost[b.resource], ctx.base[b.resource])
+            over = [b for b in ctx.budgets if not b.holds(cost[b.resource], ctx.budgets.base[b.resource])
                     or (b.resource == "latency" and not self.table_holds(b, current, ctx))]
             if not over:
                 reached = True
@@ -137,14 +140,14 @@ class NetAdaptAgent(Agent):
                 stopped = True
                 break
             # NetAdapt tracks one resource: the budget furthest over its limit
-            budget = max(over, key=lambda b: cost[b.resource] / b.limit(ctx.base[b.resource]))
+            budget = max(over, key=lambda b: cost[b.resource] / b.limit(ctx.budgets.base[b.resource]))
             r = budget.resource
             now = self.resource(current, r, ev)
             # for latency, the limit in table units: scaled by the measured/table ratio of this model,
             # or by that of the unpruned one if it is lower (whichever says more is left to shed)
-            limit = budget.limit(ctx.base[r]) * (now / cost[r] if cost[r] > 0 else 1.0)
+            limit = budget.limit(ctx.budgets.base[r]) * (now / cost[r] if cost[r] > 0 else 1.0)
             if r == "latency" and self.table_reaches(budget, ctx):
-                limit = min(limit, budget.limit(ctx.base[r]) * self.table.base / ctx.base[r])
+                limit = min(limit, budget.limit(ctx.budgets.base[r]) * self.table.base / ctx.budgets.base[r])
             target = min(self.initial * base[r] * self.decay**iteration, now - limit)
             floors = {g: self.resource({**current, g: self.floor(g, ev, ctx)}, r, ev) for g in names}
             largest = max(now - v for v in floors.values())
@@ -176,18 +179,19 @@ class NetAdaptAgent(Agent):
                     "netadapt_removed": removed,
                 })
                 if result is not None:
-                    results.append((g, ratios, result, _trial_number(ctx, ratios, short), (now - value) / base[r]))
+                    results.append((g, ratios, result, ctx.trial_of(policy, short), (now - value) / base[r]))
             if stopped or not results:
                 break  # an unfinished iteration is not accepted
-            g, ratios, result, number, saved = self.pick(results, current_acc)
-            current, current_acc, parent, last = ratios, result.accuracy, number, result
+            g, ratios, result, number, saved = self.pick(results, current_acc, ctx.task.sign)
+            current, current_acc, parent, last = ratios, result.score, number, result
             accepted.append(number)
             iterations.append({"iteration": iteration, "trial": number, "group": g, "resource": r,
-                               "target": target / base[r], "saved": saved, "accuracy": result.accuracy,
+                               "target": target / base[r], "saved": saved, "score": result.score,
                                "proposals": len(results)})
             ctx.study.set_user_attr("netadapt_accepted", accepted)
             ctx.study.set_user_attr("netadapt_iterations", iterations)
-            ctx.reporter.message(f"iteration {iteration}: {g} ({r} -{saved:.1%}), accuracy {result.accuracy:.2%}")
+            ctx.reporter.message(f"iteration {iteration}: {g} ({r} -{saved:.1%}), {ctx.task.metric} "
+                                 f"{ctx.task.format(result.score)}")
             iteration += 1
 
         long_result = None
@@ -198,8 +202,8 @@ class NetAdaptAgent(Agent):
         best = ctx.best()
         best.info.update(
             iterations=len(iterations), accepted_trials=accepted, budget_reached=reached, stopped=stopped,
-            short_steps=short, long_steps=long, final_ratios=current, final_short_accuracy=current_acc,
-            final_long_accuracy=long_result.accuracy if long_result is not None else None,
+            short_steps=short, long_steps=long, final_ratios=current, final_short_score=current_acc,
+            final_long_score=long_result.score if long_result is not None else None,
         )
         if self.table is not None:
             best.info.update(latency_table=str(self.table.path), table_measurements=self.table.measurements)
@@ -214,7 +218,8 @@ class NetAdaptAgent(Agent):
 
     def table_reaches(self, budget: Any, ctx: SearchContext) -> bool:
         """Whether the table, scaled to the measured unpruned latency, can meet ``budget`` at all."""
-        return self.table_holds(budget, dict.fromkeys(ctx.evaluator.space.names, ctx.max_ratio), ctx, check=False)
+        most = dict.fromkeys(ctx.evaluator.space.names, ctx.budgets.max_ratio)
+        return self.table_holds(budget, most, ctx, check=False)
 
     def table_holds(self, budget: Any, ratios: Mapping[str, float], ctx: SearchContext, check: bool = True) -> bool:
         """Latency ``budget`` holds for ``ratios`` by the table, scaled to the measured unpruned latency.
@@ -223,14 +228,14 @@ class NetAdaptAgent(Agent):
         this second opinion is waived when the table cannot reach the budget even at the floors."""
         if check and not self.table_reaches(budget, ctx):
             return True
-        scaled = self.table.estimate(ratios) * ctx.base["latency"] / self.table.base
-        return budget.holds(scaled, ctx.base["latency"])
+        scaled = self.table.estimate(ratios) * ctx.budgets.base["latency"] / self.table.base
+        return budget.holds(scaled, ctx.budgets.base["latency"])
 
     @staticmethod
     def floor(group: str, ev: Any, ctx: SearchContext) -> float:
         """The largest ratio of ``group`` that whole channels and ``max_ratio`` allow."""
         channels = ev.space.by_name[group].channels
-        removable = min(channels - 1, int(math.floor(ctx.max_ratio * channels + 1e-9)))
+        removable = min(channels - 1, int(math.floor(ctx.budgets.max_ratio * channels + 1e-9)))
         return removable / channels
 
     def group_step(self, channels: int) -> int:
@@ -251,25 +256,17 @@ class NetAdaptAgent(Agent):
                 return ratios
         return None
 
-    def pick(self, results: list, current_acc: float) -> tuple:
-        """The accepted proposal: best accuracy, or least accuracy lost per resource fraction saved."""
+    def pick(self, results: list, current: float, sign: float = 1.0) -> tuple:
+        """The accepted proposal: the best objective (``sign`` +1 when it is maximised, -1 when
+        minimised), or the least of it lost per resource fraction saved."""
         if self.select == "ratio":
-            return min(results, key=lambda t: ((current_acc - t[2].accuracy) / max(t[4], 1e-12), -t[2].accuracy))
-        return max(results, key=lambda t: (t[2].accuracy, t[4]))
+            return min(results, key=lambda t: (sign * (current - t[2].score) / max(t[4], 1e-12), -sign * t[2].score))
+        return max(results, key=lambda t: (sign * t[2].score, t[4]))
 
     @staticmethod
     def _stop(ctx: SearchContext, long: int) -> bool:
         """The limits, keeping one trial for the long-term fine-tune."""
         if ctx.should_stop():
             return True
-        return long > 0 and ctx.n_trials is not None and ctx.trials_done >= ctx.n_trials - 1
-
-
-def _trial_number(ctx: SearchContext, ratios: Mapping[str, float], steps: int) -> int | None:
-    """The trial recording ``ratios`` at ``steps`` fine-tune steps (the latest one)."""
-    want = {k: round(float(v), 6) for k, v in ratios.items()}
-    for t in reversed(ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
-        if t.user_attrs.get("finetune_steps") == steps and \
-                {k: round(float(v), 6) for k, v in t.params.items()} == want:
-            return t.number
-    return None
+        n = ctx.limits.n_trials
+        return long > 0 and n is not None and ctx.limits.done(ctx.study) >= n - 1

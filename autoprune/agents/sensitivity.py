@@ -8,8 +8,10 @@ it ``probe_steps`` steps (none by default) and scores it on the validation split
 
 1. *Curves.* Per group, the drop at ratio 0 is 0 and every scanned drop is raised to the largest drop
    at a smaller ratio (a monotone envelope: removing more never counts as hurting less, and a drop
-   below zero counts as zero). A probe that failed (e.g. a diverging fine-tune) counts as losing all
-   of the accuracy; the next search measures it again.
+   below zero counts as zero). The drop is how much worse the probe's objective is than the unpruned
+   model's (:meth:`autoprune.task.Task.shortfall`: accuracy lost, or loss gained). A probe that failed
+   (e.g. a diverging fine-tune) counts as losing as much as the objective itself (all of the
+   accuracy), or the largest drop measured when that is more; the next search measures it again.
 2. *Ratios from one threshold.* Each group gets the largest ratio whose drop is at most the threshold
    ``t``, read linearly between scanned ratios (so that a group may land between two scanned ratios
    and the budget can be met tightly); a group whose drops all stay at or below ``t`` gets the largest
@@ -37,13 +39,12 @@ search's study names its scan in the user attribute ``sensitivity_scan``, and ``
 the threshold, the scanned ratios and the chosen ratios (``autoprune report`` plots them over the
 curves).
 
-Several processes share the probes (``autoprune worker``): a process claims a probe before measuring
-it, as a RUNNING trial of the scan study (:func:`autoprune.study.claim`) that the probe's record then
-finishes. Others skip claimed probes; when two processes claim one probe at the same moment the lower
-trial number keeps it. A claim whose process is gone is failed and taken over (on the same machine:
-its process has ended; on another machine: it is older than ``stale_after`` seconds), so an
-interrupted or killed scan resumes with the missing probes only. The final policy is claimed in the
-same way in the search's study, so that it is scored once.
+Several processes share the probes (``autoprune worker``) through the scan study's queue: the probes
+not yet recorded are queued (``study.enqueue_trial``) and every process measures queued probes in turn
+(``study.optimize``), so a probe is measured once. A database storage keeps a heartbeat of each running
+probe: one whose process died is failed and queued again (Optuna's ``RetryHeartbeatStaleTrialCallback``), so an
+interrupted or killed scan resumes with the missing probes only. The final policy is queued in the same
+way in the search's study, so that it is scored once.
 
 ``--trials`` is not used: the scan has (groups x ratios) probes and the search one final policy.
 ``--timeout`` stops the scan between probes; the same command resumes it.
@@ -53,36 +54,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import optuna
-import torch
-from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
-from torch import nn
+from optuna.trial import TrialState
 
-from autoprune.agents.base import Agent, Option, Reporter, SearchContext, SearchResult, register
-from autoprune.errors import InputError
-from autoprune.evaluator import Evaluation, Evaluator
+from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
+from autoprune.budget import bisect
+from autoprune.errors import CandidateError, InputError, ParameterError
+from autoprune.evaluator import Evaluator
+from autoprune.models.checkpoint import fingerprint
 from autoprune.policy import Policy
-from autoprune.study import (
-    RATIO_DISTRIBUTION,
-    claim,
-    open_study,
-    record_failure,
-    set_study_info,
-    storage_of,
-    study_name,
-)
+from autoprune.study import has_waiting, open_study, queued_state, sampling_with, set_study_info, study_name
 
 DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 POLL_SECONDS = 1.0  # how often a process waiting for other processes' probes looks again
+RATIO_DIGITS = 6  # ratios are compared rounded to this many digits
 PLATEAU_SLOPE = 1e-6  # drop added per unit of ratio, so that flat stretches are crossed gradually (step 2)
 
 Curve = list[tuple[float, float]]  # (ratio removed, accuracy drop) from (0, 0) up, drops non-decreasing
@@ -136,46 +125,27 @@ def bisect_threshold(curves: Mapping[str, Curve], fits: Callable[[dict[str, floa
     hi = max(curve[-1][1] for curve in curves.values())
     if not fits(ratios_at(curves, hi)):
         return None
-    lo = 0.0  # does not fit; hi fits
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if fits(ratios_at(curves, mid)):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return bisect(lambda t: fits(ratios_at(curves, t)), 0.0, hi, tol=tol)
 
 
 # -- the scan study ----------------------------------------------------------------------------
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's state dict: the same weights give the same scan, wherever they were loaded
-    from; retrained weights give another."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def scan_identity(evaluator: Evaluator, probe_steps: int) -> dict[str, Any]:
-    """What a probe's accuracy depends on. Its hash names the scan study; anything else (the budget,
+    """What a probe's score depends on. Its hash names the scan study; anything else (the budget,
     ``--max-ratio``, ``--ignore``, the scanned ratio list, the device) may change and the scan is reused."""
     ev = evaluator
     sample = ev.policy({})  # the criterion and granularity the search's policies get
     identity: dict[str, Any] = {
         "model": ev.model_info.get("name", type(ev.model).__name__),
-        "weights": weights_fingerprint(ev.model),
-        "dataset": ev.data.name,
+        "weights": fingerprint(ev.model),
+        "dataset": ev.task.name,
+        "task": ev.task.identity(),
         "data_root": ev.model_info.get("data_root"),
-        "splits": [len(ev.data.train), len(ev.data.val)],
         "criterion": sample.criterion,
         "granularity": sample.granularity,
         "probe_steps": int(probe_steps),
         "bn_batches": ev.bn_batches,
-        "batch_size": ev.batch_size,
         "seed": ev.seed,  # the recalibration (and fine-tune) batches
         "amp": ev.amp,
     }
@@ -190,113 +160,23 @@ def scan_name(identity: Mapping[str, Any]) -> str:
     return study_name(identity["model"], identity["dataset"], "sensitivity", f"scan-{digest}")
 
 
-def scan_drops(scan: optuna.Study, baseline: float | None = None) -> dict[str, dict[float, float]]:
-    """The accuracy drop of every recorded probe, ``{group: {ratio: drop}}``, against ``baseline``
-    (default: the unpruned accuracy the scan study recorded)."""
+def probe_key(params: Mapping[str, Any]) -> tuple[str, float]:
+    """A probe's identity: its group and its ratio, rounded."""
+    return str(params["group"]), round(float(params["ratio"]), RATIO_DIGITS)
+
+
+def scan_drops(scan: optuna.Study, sign: float = 1.0, baseline: float | None = None) -> dict[str, dict[float, float]]:
+    """The drop of every recorded probe, ``{group: {ratio: drop}}``: how much worse than ``baseline``
+    (default: the unpruned model's score the scan study recorded) the probe scored, for an objective
+    maximised (``sign`` +1) or minimised (-1)."""
     if baseline is None:
-        baseline = scan.user_attrs["base"]["accuracy"]
+        baseline = scan.user_attrs["base"]["score"]
     drops: dict[str, dict[float, float]] = {}
     for t in scan.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "group" in t.params and "ratio" in t.params:
-            drops.setdefault(t.params["group"], {})[round(t.params["ratio"], 6)] = baseline - t.user_attrs["accuracy"]
+        if "group" in t.params and "ratio" in t.params and "score" in t.user_attrs:
+            group, ratio = probe_key(t.params)
+            drops.setdefault(group, {})[ratio] = sign * (baseline - t.user_attrs["score"])
     return drops
-
-
-# -- sharing candidates between processes --------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-class _Claims:
-    """Which candidates of a study shared between processes are measured, and which are being measured.
-
-    A claim is a RUNNING trial (:func:`autoprune.study.claim`) with a ``claim_key`` naming the candidate
-    and user attributes naming its owner: host, pid, a token per search and the time it was made.
-    """
-
-    def __init__(self, study: optuna.Study, agent: str, stale_after: float, token: str) -> None:
-        self.study = study
-        self.agent = agent
-        self.stale_after = stale_after
-        self.token = token
-        self.host = socket.gethostname()
-
-    def state(self) -> tuple[set[str], dict[str, int]]:
-        """The keys measured (a COMPLETE trial) and those a live process has claimed (-> claim number).
-        Abandoned claims are failed on the way, so that their candidates can be claimed again."""
-        done: set[str] = set()
-        running: dict[str, int] = {}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            key = t.user_attrs.get("claim_key")
-            if key is None:
-                continue
-            if t.state == TrialState.COMPLETE:
-                done.add(key)
-                continue
-            why = self.abandoned(t)
-            if why is None:
-                running[key] = min(running.get(key, t.number), t.number)
-                continue
-            try:
-                record_failure(self.study, None, f"claim abandoned: {why}", agent=self.agent, claim=t.number)
-            except UpdateFinishedTrialError:  # its owner, or another process, finished it meanwhile
-                pass
-        return done, running
-
-    def abandoned(self, t: FrozenTrial) -> str | None:
-        """Why the claim ``t`` is abandoned, or None while its process may still be measuring it. Never
-        called on the claim this process holds: any other claim of this process is left over."""
-        a = t.user_attrs
-        if a.get("claim_host") == self.host:
-            pid = a.get("claim_pid")
-            if pid == os.getpid():
-                return "made by an earlier search of this process"
-            if not isinstance(pid, int) or not _alive(pid):
-                return f"process {pid} on {self.host} has ended"
-        age = time.time() - float(a.get("claim_time", 0.0))  # elsewhere, or a pid the system gave again
-        if age > self.stale_after:
-            return f"unfinished after {age:.0f} s on {a.get('claim_host')}"
-        return None
-
-    def take(self, key: str, params: Mapping[str, Any], distributions: Mapping[str, Any]) -> int | None:
-        """Claim ``key`` and return the claim's trial number; None when another process holds it (the
-        lower claim number wins when two claim at once; the losing claim is failed)."""
-        owner = {"agent": self.agent, "claim_host": self.host, "claim_pid": os.getpid(),
-                 "claim_token": self.token, "claim_time": time.time()}
-        number = claim(self.study, key, params=params, distributions=distributions, user_attrs=owner)
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if t.user_attrs.get("claim_key") != key or t.number == number:
-                continue
-            if t.state == TrialState.COMPLETE or (t.number < number and self.abandoned(t) is None):
-                record_failure(self.study, None, f"claimed twice: trial {t.number} measures it", agent=self.agent,
-                               claim=number)
-                return None
-        return number
-
-
-class _ProbeReporter(Reporter):
-    """Progress of the probes: their accuracy, with no "best feasible" (a probe is no candidate)."""
-
-    def __init__(self, inner: Reporter) -> None:
-        self.inner = inner
-
-    def advance(self, result: Evaluation | None, feasible: bool, best: float | None) -> None:
-        self.inner.advance(result, True, None)
-
-    def message(self, text: str) -> None:
-        self.inner.message(text)
-
-
-def _out_of_time(ctx: SearchContext) -> bool:
-    return ctx.timeout is not None and time.monotonic() - ctx.started >= ctx.timeout
 
 
 @register
@@ -310,9 +190,6 @@ class SensitivityAgent(Agent):
     ratios: the fractions removed that each group is probed at, comma separated (0.1 ... 0.9); those
         above ``--max-ratio`` are left out.
     probe_steps: fine-tune steps of every probe (0: adaptive BN only, as the course notes' scan).
-    stale_after: seconds after which a probe (or the final policy) claimed by a process on another
-        machine, still unfinished, is taken over (3600); claims of ended processes on this machine are
-        taken over at once.
     """
 
     name = "sensitivity"
@@ -321,35 +198,30 @@ class SensitivityAgent(Agent):
     default_trials = 1  # the final policy; the probes are trials of the scan study
     parallel = True
     options = {
-        "ratios": Option(str, DEFAULT_RATIOS, "fractions removed that each group is probed at, comma separated"),
-        "probe_steps": Option(int, 0, "fine-tune steps of every probe (0: adaptive BN only)"),
-        "stale_after": Option(float, 3600.0, "seconds after which an unfinished probe (or final policy) "
-                              "claimed by a process on another machine is taken over"),
+        "ratios": Option(parse_ratios, DEFAULT_RATIOS, "fractions removed that each group is probed at, comma "
+                         "separated", metavar="R[,R...]",
+                         accepts=f"give fractions removed in (0, 1), separated by commas, e.g. {DEFAULT_RATIOS}"),
+        "probe_steps": Option(int, 0, "fine-tune steps of every probe (0: adaptive BN only)", low=0),
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.ratios = parse_ratios(self.ratios)
-        if self.probe_steps < 0:
-            raise InputError(f"--sensitivity-probe-steps must be >= 0, got {self.probe_steps}")
-
     def search(self, ctx: SearchContext) -> SearchResult:
-        ev = ctx.evaluator
+        ev, task = ctx.evaluator, ctx.task
         names = ev.space.names
-        ratios = [r for r in self.ratios if r <= ctx.max_ratio + 1e-9]
+        max_ratio = ctx.budgets.max_ratio
+        ratios = [r for r in self.ratios if r <= max_ratio + 1e-9]
         if not ratios:
-            raise InputError(f"--sensitivity-ratios: every ratio is above --max-ratio {ctx.max_ratio}")
+            raise ParameterError("ratios", ",".join(map(str, self.ratios)),
+                                 f"every ratio is above max_ratio {max_ratio}", agent=self.name)
         if len(ratios) < len(self.ratios):
-            ctx.reporter.message(f"scanning the ratios up to --max-ratio {ctx.max_ratio}: {ratios}")
-        if not names or not ctx.fits(dict.fromkeys(names, ratios[-1])):
+            ctx.reporter.message(f"scanning the ratios up to --max-ratio {max_ratio}: {ratios}")
+        if not names or not ctx.budgets.fits(dict.fromkeys(names, ratios[-1])):
             self.unreachable(ctx, ratios[-1])  # before scanning anything
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        baseline = ev.baseline("val").accuracy
+        baseline = ev.baseline("val").score
         scan = self.open_scan(ctx, baseline)
         ctx.study.set_user_attr("sensitivity_scan", scan.study_name)
         info: dict[str, Any] = {"scan": scan.study_name, "probes": len(names) * len(ratios)}
 
-        complete, measured, failed = self.run_scan(ctx, scan, names, ratios, token)
+        complete, measured, failed = self.run_scan(ctx, scan, names, ratios)
         info.update(scan_complete=complete, probes_measured=measured, failed_probes=sorted(failed))
         if not complete:
             ctx.reporter.message(f"time is up with the scan {scan.study_name} unfinished; run the same command "
@@ -358,53 +230,73 @@ class SensitivityAgent(Agent):
             best.info.update(info)
             return best
 
-        drops = scan_drops(scan, baseline)
-        curves = {g: monotone({r: drops.get(g, {}).get(r, baseline) for r in ratios}, PLATEAU_SLOPE)
+        drops = scan_drops(scan, task.sign, baseline)
+        measured_drops = [d for per in drops.values() for d in per.values()]
+        worst = max([abs(baseline), *measured_drops])  # what a failed probe counts as losing
+        curves = {g: monotone({r: drops.get(g, {}).get(r, worst) for r in ratios}, PLATEAU_SLOPE)
                   for g in names}
-        threshold = bisect_threshold(curves, ctx.fits)
+        threshold = bisect_threshold(curves, ctx.budgets.fits)
         if threshold is None:  # only a noisy latency measurement can turn the check above around
             self.unreachable(ctx, ratios[-1])
         chosen = ratios_at(curves, threshold)
         set_study_info(ctx.study, sensitivity={"threshold": threshold, "scan_ratios": ratios,
-                                               "probe_steps": self.probe_steps, "baseline_accuracy": baseline,
+                                               "probe_steps": self.probe_steps, "baseline_score": baseline,
                                                "ratios": chosen})
-        kept = ev.cost(chosen, latency=False)["flops"] / ctx.base["flops"]
-        ctx.reporter.message(f"threshold: accuracy drop {threshold:.2%}, FLOPs {kept:.1%} of the unpruned model")
+        kept = ev.cost(chosen, latency=False)["flops"] / ctx.budgets.base["flops"]
+        ctx.reporter.message(f"threshold: a drop of {threshold:.4g} in {task.metric}, FLOPs {kept:.1%} of the "
+                             "unpruned model")
         policy = ev.policy(chosen, search={"sensitivity": {"scan": scan.study_name, "threshold": threshold,
                                                            "scan_ratios": ratios, "probe_steps": self.probe_steps}})
-        self.score_final(ctx, policy, threshold, scan.study_name, token)
+        self.score_final(ctx, policy, threshold, scan.study_name)
         best = ctx.best()
         best.info.update(info, threshold=threshold, ratios=chosen)
         return best
 
     @staticmethod
     def unreachable(ctx: SearchContext, largest: float) -> None:
-        if largest >= ctx.max_ratio - 1e-9 or not ctx.evaluator.space.names:
-            ctx.unreachable()
-        raise InputError(f"budget cannot be met by removing {largest:.0%} of every group, the largest scanned "
-                         f"ratio; scan larger ones with --sensitivity-ratios (up to --max-ratio {ctx.max_ratio})")
+        max_ratio = ctx.budgets.max_ratio
+        if largest >= max_ratio - 1e-9 or not ctx.evaluator.space.names:
+            ctx.budgets.unreachable()
+        ctx.budgets.unreachable(
+            how=f"removing {largest:.0%} of every group, the largest scanned ratio (scan larger ones with "
+                f"--sensitivity-ratios, up to --max-ratio {max_ratio}),",
+            ratios=dict.fromkeys(ctx.evaluator.space.names, largest))
 
     def open_scan(self, ctx: SearchContext, baseline: float) -> optuna.Study:
         """The scan study for this model and these probe settings, created on first use."""
         identity = scan_identity(ctx.evaluator, self.probe_steps)
-        scan = open_study(scan_name(identity), storage_of(ctx.study))
+        task = ctx.task
+        scan = open_study(scan_name(identity), ctx.storage, directions=[task.direction], metric_names=[task.metric],
+                          sampler=optuna.samplers.RandomSampler())
         if "sensitivity_identity" not in scan.user_attrs:
+            base = ctx.budgets.base
             set_study_info(scan, sensitivity_identity=identity, model=ctx.evaluator.model_info,
-                           base={"flops": ctx.base["flops"], "params": ctx.base["params"], "accuracy": baseline})
+                           base={"flops": base["flops"], "params": base["params"], "score": baseline,
+                                 "metric": task.metric})
         return scan
 
-    def run_scan(self, ctx: SearchContext, scan: optuna.Study, names: list[str], ratios: list[float],
-                 token: str) -> tuple[bool, int, set[str]]:
-        """Measure the probes the scan study lacks, sharing them with other processes; wait for those others
-        are measuring. Returns (complete, probes measured here, probes that failed here)."""
+    def run_scan(self, ctx: SearchContext, scan: optuna.Study, names: list[str], ratios: list[float]
+                 ) -> tuple[bool, int, set[tuple[str, float]]]:
+        """Measure the probes the scan study lacks, sharing them with other processes through its queue;
+        wait for those others are measuring. Returns (complete, probes measured here, probes that failed
+        here)."""
         ev = ctx.evaluator
-        plan = {f"{g}@{r}": (g, r) for g in names for r in ratios}
-        distributions = {"group": CategoricalDistribution([g.name for g in ev.space.groups]),
-                         "ratio": FloatDistribution(0.0, 1.0)}
-        claims = _Claims(scan, self.name, self.stale_after, token)
-        probes = SearchContext(ev, [], scan, self.name, seed=ctx.seed, finetune_steps=self.probe_steps,
-                               max_ratio=ctx.max_ratio, reporter=_ProbeReporter(ctx.reporter))
-        done, _ = claims.state()
+        plan = [(g, round(r, RATIO_DIGITS)) for g in names for r in ratios]
+        groups = [g.name for g in ev.space.groups]
+        probes = SearchContext(ev, ctx.budgets, scan, self.name, seed=ctx.seed, finetune_steps=self.probe_steps,
+                               reporter=ctx.reporter, storage=ctx.storage)
+        tried: set[tuple[str, float]] = set()  # a probe that failed here is not tried again in this run
+
+        def objective(trial: optuna.Trial) -> float:
+            if not trial.user_attrs.get("sensitivity_probe"):  # the queue ran dry since it was looked at
+                raise optuna.TrialPruned("no probe was left in the queue")
+            group = trial.suggest_categorical("group", groups)
+            ratio = trial.suggest_float("ratio", 0.0, 1.0)
+            tried.add(probe_key({"group": group, "ratio": ratio}))
+            result = probes.evaluate(ev.policy({group: ratio}), trial=trial)
+            return result.score
+
+        done, pending = queued_state(scan, probe_key)
         missing = sum(key not in done for key in plan)
         if not missing:
             ctx.reporter.message(f"sensitivity scan {scan.study_name}: all {len(plan)} probes recorded, reused")
@@ -412,59 +304,67 @@ class SensitivityAgent(Agent):
         ctx.reporter.message(f"sensitivity scan {scan.study_name}: {missing} of {len(plan)} probes to measure")
         ctx.reporter.stop()
         ctx.reporter.start(len(plan), len(plan) - missing)
-        tried: set[str] = set()  # a probe that failed here is not retried by this run
         waiting = False
         try:
             while True:
-                done, running = claims.state()
+                done, pending = queued_state(scan, probe_key)
                 left = [key for key in plan if key not in done and key not in tried]
                 if not left:
-                    return True, probes.evaluated, tried - done
-                if _out_of_time(ctx):
-                    return False, probes.evaluated, tried - done
-                free = [key for key in left if key not in running]
-                if not free:
-                    if not waiting:
-                        ctx.reporter.message(f"waiting for {len(left)} probe(s) other processes are measuring")
-                        waiting = True
-                    time.sleep(POLL_SECONDS)
+                    return True, probes.recorder.written, tried - done
+                if ctx.limits.out_of_time():
+                    return False, probes.recorder.written, tried - done
+                for group, ratio in left:
+                    if (group, ratio) not in pending:
+                        scan.enqueue_trial({"group": group, "ratio": ratio}, user_attrs={"sensitivity_probe": True})
+                if has_waiting(scan):
+                    scan.optimize(objective, n_trials=1, catch=(CandidateError,))
                     continue
-                group, ratio = plan[free[0]]
-                number = claims.take(free[0], {"group": group, "ratio": ratio}, distributions)
-                if number is None:
-                    continue
-                tried.add(free[0])
-                try:
-                    probes.evaluate(ev.policy({group: ratio}), claim=number)
-                except UpdateFinishedTrialError:
-                    ctx.reporter.message(f"probe {free[0]} was taken over by another process")
+                if not waiting:
+                    ctx.reporter.message(f"waiting for {len(left)} probe(s) other processes are measuring")
+                    waiting = True
+                time.sleep(POLL_SECONDS)
         finally:
             ctx.reporter.stop()
-            ctx.reporter.start(ctx.n_trials, ctx.trials_done)
+            ctx.reporter.start(ctx.limits.n_trials, ctx.limits.done(ctx.study))
 
-    def score_final(self, ctx: SearchContext, policy: Policy, threshold: float, scan: str, token: str) -> None:
-        """Score the final policy once among all the processes of the search: the first to claim it does,
-        the others wait for it (up to ``--timeout``)."""
-        claims = _Claims(ctx.study, self.name, self.stale_after, token)
-        key = "final:" + hashlib.sha256(json.dumps([policy.key(), ctx.finetune_steps]).encode()).hexdigest()[:16]
+    def score_final(self, ctx: SearchContext, policy: Policy, threshold: float, scan: str) -> None:
+        """Score the final policy once among all the processes of the search: it is queued in the search's
+        study, the first process to take it scores it, the others wait for it (up to ``--timeout``)."""
+        key = json.dumps(sorted((k, round(v, RATIO_DIGITS)) for k, v in policy.ratios.items()))
+
+        def key_of(params: Mapping[str, Any]) -> str:
+            if set(params) != set(policy.ratios):
+                raise KeyError("another candidate")
+            return json.dumps(sorted((k, round(float(v), RATIO_DIGITS)) for k, v in params.items()))
+
+        attempted = []  # scored (or failed) here: a failed final policy is not tried again in this run
+
+        def objective(trial: optuna.Trial) -> float:
+            if not trial.user_attrs.get("sensitivity_final"):
+                raise optuna.TrialPruned("the final policy was taken by another process")
+            attempted.append(trial.number)
+            for name in policy.ratios:
+                trial.suggest_float(name, 0.0, 1.0)
+            result = ctx.evaluate(policy, trial=trial, extra={"sensitivity_threshold": threshold,
+                                                              "sensitivity_scan": scan})
+            return result.score
+
         waiting = False
-        while True:
-            done, running = claims.state()
-            if key in done:
-                return
-            if key not in running:
-                number = claims.take(key, dict(policy.ratios), dict.fromkeys(policy.ratios, RATIO_DISTRIBUTION))
-                if number is None:
+        with sampling_with(ctx.study, optuna.samplers.RandomSampler()) as study:
+            while True:
+                done, pending = queued_state(study, key_of)
+                if key in done or ctx.trial_of(policy) is not None:
+                    return
+                if key not in pending:
+                    study.enqueue_trial(dict(policy.ratios), user_attrs={"sensitivity_final": True})
+                if has_waiting(study):
+                    study.optimize(objective, n_trials=1, catch=(CandidateError,))
+                    if attempted or ctx.limits.out_of_time():
+                        return
                     continue
-                try:
-                    ctx.evaluate(policy, claim=number,
-                                 extra={"sensitivity_threshold": threshold, "sensitivity_scan": scan})
-                except UpdateFinishedTrialError:
-                    ctx.reporter.message("the final policy was taken over by another process")
-                return
-            if _out_of_time(ctx):
-                return
-            if not waiting:
-                ctx.reporter.message("waiting for the final policy another process is scoring")
-                waiting = True
-            time.sleep(POLL_SECONDS)
+                if ctx.limits.out_of_time():
+                    return
+                if not waiting:
+                    ctx.reporter.message("waiting for the final policy another process is scoring")
+                    waiting = True
+                time.sleep(POLL_SECONDS)

@@ -14,8 +14,10 @@ the reward needs no penalty term. The budgets are checked with the analytic cost
 latency for a latency budget), the same one every agent of autoprune uses.
 
 At the last step the policy is scored: the shared evaluator prunes the model, recalibrates batch norm
-(no fine-tune unless asked) and measures accuracy on the held-out split. The reward is
-``-Error * log(FLOPs)`` (the paper's FLOPs-constrained reward) or ``-Error``; every other step gives 0.
+(no fine-tune unless asked) and scores it on the held-out split. The reward is ``-Error * log(FLOPs)``
+(the paper's FLOPs-constrained reward) or ``-Error``; every other step gives 0. ``Error`` is the task's
+reading of its objective (:meth:`autoprune.task.Task.error`): ``1 - accuracy`` as in the paper, ``1 -
+mIoU`` for a segmenter, the value itself for a minimised objective such as a loss.
 
 The environment works with an :class:`~autoprune.evaluator.Evaluator` and budgets alone (what
 ``gymnasium.make("autoprune/AMC-v0", evaluator=..., budgets={"flops": "50%"})`` builds); built from a
@@ -31,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
-from autoprune.budget import Budget, format_amount, parse_budgets
-from autoprune.errors import CandidateError, InputError
+from autoprune.budget import Budget, Budgets, bisect, parse_budgets
+from autoprune.errors import CandidateError, InputError, ParameterError
 from autoprune.evaluator import Evaluation, Evaluator
 from autoprune.policy import Policy
 from autoprune.space import keep_count
@@ -59,15 +61,15 @@ FEATURES = (
 _TYPE_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 
 
-def amc_reward(accuracy: float, flops: float, kind: str = "error_log_flops") -> float:
-    """AMC's episode reward: ``-Error * log(FLOPs)`` or ``-Error``, with ``Error = 1 - accuracy``.
+def amc_reward(error: float, flops: float, kind: str = "error_log_flops") -> float:
+    """AMC's episode reward: ``-Error * log(FLOPs)`` or ``-Error`` (the paper's ``Error = 1 - accuracy``).
 
     ``flops`` is the pruned model's FLOPs (MACs) count; the logarithm makes a smaller model earn a
     little more for the same error (He et al., 2018, Sec. 3.4).
     """
     if kind not in REWARDS:
-        raise InputError(f"unknown AMC reward {kind!r}; choose from {', '.join(REWARDS)}")
-    error = 1.0 - float(accuracy)
+        raise ParameterError("reward", kind, f"choose from {', '.join(REWARDS)}", agent="amc")
+    error = float(error)
     if kind == "error":
         return -error
     return -error * math.log(max(float(flops), 1.0))
@@ -79,8 +81,8 @@ class AMCEnv(gym.Env):
     Parameters
     ----------
     evaluator: the shared evaluator of the model to prune (its space gives the groups).
-    budgets: a list of :class:`~autoprune.budget.Budget`, or a mapping such as
-        ``{"flops": "50%", "params": "60%"}``; all must hold.
+    budgets: :class:`~autoprune.budget.Budgets`, a list of :class:`~autoprune.budget.Budget`, or a
+        mapping such as ``{"flops": "50%", "params": "60%"}``; all must hold.
     max_ratio: the largest fraction removed from any group.
     keep_floor: the smallest keep ratio of a group (AMC: 0.2). When the budgets cannot be met at
         the floor, the floor falls to ``1 - max_ratio`` (``relaxed_floor`` says so).
@@ -100,7 +102,7 @@ class AMCEnv(gym.Env):
     def __init__(
         self,
         evaluator: Evaluator,
-        budgets: Iterable[Budget] | Mapping[str, str],
+        budgets: Budgets | Iterable[Budget] | Mapping[str, str],
         *,
         max_ratio: float = 0.9,
         keep_floor: float = 0.2,
@@ -111,25 +113,22 @@ class AMCEnv(gym.Env):
     ) -> None:
         super().__init__()
         if reward not in REWARDS:
-            raise InputError(f"unknown AMC reward {reward!r}; choose from {', '.join(REWARDS)}")
+            raise ParameterError("reward", reward, f"choose from {', '.join(REWARDS)}", agent="amc")
         if not 0.0 <= keep_floor < 1.0:
-            raise InputError(f"keep floor {keep_floor!r} must lie in [0, 1)")
-        if not 0.0 < max_ratio < 1.0:
-            raise InputError(f"max ratio {max_ratio!r} must lie in (0, 1)")
+            raise ParameterError("keep_floor", keep_floor, "must lie in [0, 1)", agent="amc")
         self.evaluator = evaluator
-        self.budgets = parse_budgets(**budgets) if isinstance(budgets, Mapping) else list(budgets)
-        if not self.budgets:
-            raise InputError("the AMC environment needs at least one budget")
+        if isinstance(budgets, Budgets):
+            self.budgets = budgets
+        else:
+            items = parse_budgets(budgets) if isinstance(budgets, Mapping) else list(budgets)
+            self.budgets = Budgets(items, evaluator, max_ratio)
+        max_ratio = self.budgets.max_ratio if context is not None else max_ratio
+        if not 0.0 < max_ratio < 1.0:
+            raise ParameterError("max_ratio", max_ratio, "must lie in (0, 1)")
         self.reward_kind = reward
         self.finetune_steps = int(finetune_steps)
         self.reward_fn = reward_fn
         self.context = context
-        self._latency = any(b.resource == "latency" for b in self.budgets)
-        if self._latency:
-            evaluator.latency = True  # the unpruned model's latency is then part of evaluator.base
-        if context is None:
-            for b in self.budgets:
-                b.check_reachable(evaluator.base[b.resource])
 
         self.groups = list(evaluator.space.prunable)
         if not self.groups:
@@ -141,12 +140,12 @@ class AMCEnv(gym.Env):
         # the most a group may lose: AMC's keep floor, unless the budgets need more
         self.relaxed_floor = False
         self.max_ratio = min(max_ratio, 1.0 - keep_floor)
-        if not self._fits(dict.fromkeys(self.names, self.max_ratio)):
-            if self.max_ratio < max_ratio and self._fits(dict.fromkeys(self.names, max_ratio)):
+        if not self.budgets.fits(dict.fromkeys(self.names, self.max_ratio)):
+            if self.max_ratio < max_ratio and self.budgets.fits(dict.fromkeys(self.names, max_ratio)):
                 self.max_ratio = max_ratio
                 self.relaxed_floor = True
             else:
-                self._unreachable(max_ratio)
+                self.budgets.unreachable()
         self.keep_floor = 1.0 - self.max_ratio
 
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(FEATURES),), dtype=np.float32)
@@ -164,30 +163,10 @@ class AMCEnv(gym.Env):
     def from_context(cls, ctx: SearchContext, **kw: Any) -> AMCEnv:
         """The environment of a search: the context's evaluator, budgets, max ratio and fine-tune
         steps; episodes are evaluated and recorded through ``ctx.evaluate``."""
-        kw.setdefault("max_ratio", ctx.max_ratio)
         kw.setdefault("finetune_steps", ctx.finetune_steps)
         return cls(ctx.evaluator, ctx.budgets, context=ctx, **kw)
 
     # -- budgets ------------------------------------------------------------------------------
-    def _fits(self, ratios: Mapping[str, float]) -> bool:
-        if self._latency:  # measuring latency prunes a model: skip it when the analytic budgets fail
-            analytic = [b for b in self.budgets if b.resource != "latency"]
-            if analytic and not self.evaluator.feasible(analytic, self.evaluator.cost(ratios, latency=False)):
-                return False
-        if self.context is not None:
-            return self.context.fits(ratios)
-        return self.evaluator.feasible(self.budgets, self.evaluator.cost(ratios, latency=self._latency))
-
-    def _unreachable(self, max_ratio: float) -> None:
-        if self.context is not None:
-            self.context.unreachable()
-        cost = self.evaluator.cost(dict.fromkeys(self.names, max_ratio), latency=self._latency)
-        base = self.evaluator.base
-        parts = [f"{b.resource} {format_amount(b.resource, cost[b.resource])} > {b}"
-                 for b in self.budgets if not b.holds(cost[b.resource], base[b.resource])]
-        raise InputError(f"budget cannot be met: removing {max_ratio:.0%} of every prunable group still "
-                         "leaves " + "; ".join(parts))
-
     def clip(self, t: int, removed: list[float], ratio: float) -> float:
         """The removal ratio of group ``t`` closest to ``ratio`` that lets the budgets hold when the
         groups before it keep ``removed`` and the groups after it drop to the floor (AMC Sec. 3.4).
@@ -202,20 +181,17 @@ class AMCEnv(gym.Env):
             ratios = dict(zip(self.names, removed))
             ratios[self.names[t]] = r
             ratios.update(dict.fromkeys(rest, self.max_ratio))
-            return self._fits(ratios)
+            return self.budgets.fits(ratios)
 
         if fits(ratio):
             return ratio
         channels = self.groups[t].channels
         lo = channels - keep_count(channels, ratio)  # channels removed: this many do not fit
-        hi = channels - keep_count(channels, self.max_ratio)  # this many fit (or nothing does)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid / channels):
-                hi = mid
-            else:
-                lo = mid
-        return self.max_ratio if hi >= channels - keep_count(channels, self.max_ratio) else hi / channels
+        most = channels - keep_count(channels, self.max_ratio)  # this many fit (or nothing does)
+        if most <= lo:
+            return self.max_ratio
+        hi = bisect(lambda k: fits(k / channels), lo, most)
+        return self.max_ratio if hi >= most else hi / channels
 
     # -- embedding ----------------------------------------------------------------------------
     def _static_embedding(self) -> np.ndarray:
@@ -278,6 +254,8 @@ class AMCEnv(gym.Env):
                 result = self.evaluator.evaluate(policy, self.finetune_steps)
             except CandidateError:
                 result = None
-        if result is None:  # a failed candidate scores as a model that is always wrong
-            return amc_reward(0.0, self.evaluator.space.flops(ratios), self.reward_kind), None, policy
-        return amc_reward(result.accuracy, result.flops, self.reward_kind), result, policy
+        task = self.evaluator.task
+        if result is None:  # a failed candidate scores as the worst model: Error 1 (or the base's error doubled)
+            worst = max(1.0, 2.0 * task.error(self.evaluator.baseline().score))
+            return amc_reward(worst, self.evaluator.space.flops(ratios), self.reward_kind), None, policy
+        return amc_reward(task.error(result.score), result.flops, self.reward_kind), result, policy

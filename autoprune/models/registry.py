@@ -154,14 +154,16 @@ def _replace_first_conv(model: nn.Module, in_channels: int, label: str) -> None:
     setattr(model.get_submodule(parent_path), attr, replacement)
 
 
-def _build_from_file(
-    path: Path, factory_name: str, in_channels: int, num_classes: int, image_size: int
-) -> nn.Module:
-    spec = f"{path}:{factory_name}"
+def load_factory(spec: str, what: str = "model") -> Callable[..., object]:
+    """The function ``factory`` of ``path/to/file.py:factory`` (``what`` names it in messages)."""
+    file_part, sep, factory_name = spec.strip().rpartition(":")
+    if not sep or not file_part.endswith(".py"):
+        raise InputError(f"{what} {spec!r}: write it as path/to/file.py:FUNCTION")
+    path = Path(file_part)
     if not path.is_file():
         problem = "is not a file" if path.exists() else "does not exist"
-        raise InputError(f"model file {str(path)!r} {problem} (from {spec!r})")
-    module = _import_file(path.resolve())
+        raise InputError(f"{what} file {str(path)!r} {problem} (from {spec!r})")
+    module = _import_file(path.resolve(), what)
     factory = getattr(module, factory_name, None) if factory_name.isidentifier() else None
     if factory is None or not callable(factory):
         functions = sorted(
@@ -170,9 +172,17 @@ def _build_from_file(
             if callable(obj) and not n.startswith("_") and getattr(obj, "__module__", None) == module.__name__
         )
         raise InputError(
-            f"no function {factory_name!r} in model file {str(path)!r}; "
+            f"no function {factory_name!r} in {what} file {str(path)!r}; "
             f"functions defined there: {', '.join(functions) or 'none'}"
         )
+    return factory
+
+
+def _build_from_file(
+    path: Path, factory_name: str, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
+    spec = f"{path}:{factory_name}"
+    factory = load_factory(spec, "model")
     values = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     kwargs = {key: values[key] for key in _accepted_keywords(factory)}
     try:
@@ -184,14 +194,16 @@ def _build_from_file(
     return model
 
 
-def _import_file(path: Path) -> ModuleType:
+def _import_file(path: Path, what: str = "model") -> ModuleType:
     # A unique module name per file, registered in sys.modules so that dataclasses and pickling
     # inside the user's file work; its folder is importable while it runs, for sibling imports.
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    module_name = f"autoprune_user_model_{path.stem}_{digest}"
+    module_name = f"autoprune_user_{path.stem}_{digest}"
+    if module_name in sys.modules:  # a model and a task factory in one file share one module
+        return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise InputError(f"model file {str(path)!r} cannot be imported as Python")
+        raise InputError(f"{what} file {str(path)!r} cannot be imported as Python")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     sys.path.insert(0, str(path.parent))
@@ -199,7 +211,7 @@ def _import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise InputError(f"importing model file {str(path)!r} failed: {_one_line(exc)}") from exc
+        raise InputError(f"importing {what} file {str(path)!r} failed: {_one_line(exc)}") from exc
     finally:
         sys.path.remove(str(path.parent))
     return module

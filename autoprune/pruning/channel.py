@@ -23,14 +23,15 @@ from autoprune.space import Space, keep_count
 class ChannelPruner:
     """Applies channel policies to copies of ``space.model``.
 
-    ``calibration`` (a callable returning the same ``(inputs, labels)`` device batches each call) is
-    what the data-reading criteria (taylor, hessian, apoz, entropy) read; without it they raise
-    :class:`InputError`. ``seed`` seeds the ``random`` criterion.
+    ``calibration`` (a callable returning the same device batches each call) is what the data-reading
+    criteria (taylor, hessian, apoz, entropy) read, run and scored through ``task`` (its forward and
+    loss; default ``model(batch[0])`` and cross-entropy); without it they raise :class:`InputError`.
+    ``seed`` seeds the ``random`` criterion.
     """
 
-    def __init__(self, space: Space, calibration: Calibration | None = None, seed: int = 0) -> None:
+    def __init__(self, space: Space, calibration: Calibration | None = None, seed: int = 0, task=None) -> None:
         self.space = space
-        self.statistics = Statistics(space, calibration, seed)
+        self.statistics = Statistics(space, calibration, seed, task)
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
         self._full_groups: dict[str, object] = {}
         self._maps: dict[str, list[tuple[str, object, int, torch.Tensor, torch.Tensor]] | None] = {}

@@ -33,13 +33,15 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
+from autoprune.inputs import primary
 
 if TYPE_CHECKING:
     from autoprune.space import Space
+    from autoprune.task import Task
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-Calibration = Callable[[], Iterable[Batch]]  # returns the same (inputs, labels) device batches each call
+Batch = object  # what the task's training batches are: (inputs, labels) for classification
+Calibration = Callable[[], Iterable[Batch]]  # returns the same device batches each call
 Criterion = Callable[[object], "torch.Tensor | None"]  # torch-pruning Group -> per-channel scores
 
 ENTROPY_BINS = 32  # histogram bins of a channel's pooled activations, over its own range
@@ -59,12 +61,22 @@ class Statistics:
     are removed afterwards.
     """
 
-    def __init__(self, space: Space | None = None, calibration: Calibration | None = None, seed: int = 0) -> None:
+    def __init__(self, space: Space | None = None, calibration: Calibration | None = None, seed: int = 0,
+                 task: Task | None = None) -> None:
         self.space = space
         self.calibration = calibration
         self.seed = int(seed)
+        self.task = task  # how a batch is run and its loss taken; None: model(batch[0]) and cross-entropy
         self._gradients: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._activations: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _forward(self, model: nn.Module, batch) -> object:
+        return self.task.forward(model, batch) if self.task is not None else model(batch[0])
+
+    def _loss(self, output, batch) -> torch.Tensor:
+        if self.task is not None:
+            return self.task.loss(output, batch)
+        return F.cross_entropy(primary(output).float(), batch[1])
 
     def name_of(self, module: nn.Module) -> str:
         return self.space.module_names.get(module, "") if self.space is not None else ""
@@ -80,7 +92,7 @@ class Statistics:
     def gradients(self, criterion: str) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         """Per conv, linear and batch-norm layer of the base model: ``(mean_b |w ⊙ g_b|, mean_b g_b²)``
         over the calibration batches, ``g_b`` the gradient of batch ``b``'s mean cross-entropy with
-        respect to the layer's weight ``w``. The second is the empirical Fisher's diagonal from
+        respect to the layer's weight ``w`` (the task's loss). The second is the empirical Fisher's diagonal from
         per-batch gradients."""
         if self._gradients is None:
             batches = self._batches(criterion)
@@ -98,9 +110,9 @@ class Statistics:
             fisher = {m: torch.zeros_like(w, dtype=torch.float32) for m, w in weights.items()}
             n = 0
             with torch.enable_grad():
-                for x, y in batches:
+                for batch in batches:
                     net.zero_grad(set_to_none=True)
-                    F.cross_entropy(net(x).float(), y).backward()
+                    self._loss(self._forward(net, batch), batch).backward()
                     for m, w in weights.items():
                         if w.grad is not None:
                             g = w.grad.float()
@@ -155,8 +167,8 @@ class Statistics:
             try:
                 n = 0
                 with torch.no_grad():
-                    for x, _ in batches:
-                        model(x)
+                    for batch in batches:
+                        self._forward(model, batch)
                         n += 1
             finally:
                 for h in handles:
@@ -404,5 +416,5 @@ def get_criterion(name: str, stats: Statistics | None = None) -> Criterion:
     try:
         factory, _ = CRITERIA[name]
     except KeyError:
-        raise InputError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}") from None
+        raise ParameterError("criterion", name, f"unknown criterion; choose from {', '.join(CRITERIA)}") from None
     return factory(stats if stats is not None else Statistics())

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from autoprune.budget import bisect
 from autoprune.space import Space
 
 
@@ -153,11 +154,4 @@ def threshold_structure(
         return structure(0)
     if not fits(structure(len(candidates))[0]):
         raise ValueError("the budget cannot be met even at the largest ratio every group allows")
-    lo, hi = 0, len(candidates)  # lo does not fit, hi fits
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(structure(mid)[0]):
-            hi = mid
-        else:
-            lo = mid
-    return structure(hi)
+    return structure(bisect(lambda k: fits(structure(k)[0]), 0, len(candidates)))

@@ -6,8 +6,9 @@ stages instead of at once; after each stage
 
 1. the model is pruned to the cumulative target so far (the channels of the *current*, fine-tuned
    weights with the lowest importance go) and its batch norm is recalibrated;
-2. its validation accuracy is measured, and the model is fine-tuned only if the drop from the
-   unpruned model is at least ``threshold`` (threshold-guided fine-tuning);
+2. its validation objective (the task's metric: accuracy for a classifier) is measured, and the model
+   is fine-tuned only if the drop from the unpruned model is at least ``threshold`` (threshold-guided
+   fine-tuning);
 3. before a fine-tune, a probe (a few SGD steps on a copy) measures how far each layer's weights
    move, relative to their norm; the ``freeze_ratio`` of layers that move least are frozen for that
    fine-tune (still pruned, no longer trained: out of the optimiser, so neither weight decay nor
@@ -39,7 +40,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from autoprune.cost import count_params
@@ -48,7 +48,7 @@ from autoprune.policy import Policy
 from autoprune.pruning.channel import ChannelPruner
 from autoprune.pruning.criteria import Calibration
 from autoprune.space import Space, keep_count
-from autoprune.training import recalibrate_bn, score, train_steps
+from autoprune.training import recalibrate_bn, train_steps
 
 if TYPE_CHECKING:
     from autoprune.evaluator import Evaluator
@@ -137,18 +137,18 @@ class Stage:
 
     index: int
     params_left: float  # α, the fraction of weights left
-    accuracy: float  # after pruning (and BN recalibration), before any fine-tune
-    drop: float  # unpruned accuracy minus ``accuracy``
+    score: float  # the objective after pruning (and BN recalibration), before any fine-tune
+    drop: float  # how much worse ``score`` is than the unpruned model's
     finetuned: bool
     lr: float | None = None
     frozen: list[str] = field(default_factory=list)
-    accuracy_after: float | None = None  # after the fine-tune
+    score_after: float | None = None  # after the fine-tune
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "stage": self.index, "params_left": self.params_left, "accuracy": self.accuracy,
+            "stage": self.index, "params_left": self.params_left, "score": self.score,
             "drop": self.drop, "finetuned": self.finetuned, "lr": self.lr, "frozen": len(self.frozen),
-            "accuracy_after": self.accuracy_after,
+            "score_after": self.score_after,
         }
 
 
@@ -174,8 +174,9 @@ class IcePick:
     ----------
     freeze_ratio: fraction of conv/linear layers frozen for each fine-tune, those whose weights
         moved least during the probe (0 freezes nothing).
-    threshold: fine-tune after a stage only if the validation accuracy dropped by at least this much
-        (absolute, e.g. 0.01 = one point) from the unpruned model; ``-inf`` fine-tunes after every stage.
+    threshold: fine-tune after a stage only if the validation objective dropped by at least this much
+        (absolute, e.g. 0.01 = one point of accuracy) from the unpruned model; ``-inf`` fine-tunes after
+        every stage.
     base_lr, delta, p, beta: the pruning-aware LR schedule ``base``, ``Δ``, ``P``, ``β``
         (:func:`pruning_aware_lr`; 1e-3, 7.5e-4, 0.12, 50 as in the paper). ``delta=0`` gives a fixed LR.
     finetune_steps: SGD steps of one fine-tune (per stage that needs one).
@@ -249,15 +250,10 @@ class IcePick:
         t0 = time.perf_counter()
         space = evaluator.space
         space.check_names(policy.ratios)
-        device, amp = evaluator.device, evaluator.amp
-        reference = evaluator.baseline("val").accuracy  # cached by the evaluator
-        gen = torch.Generator(device=device).manual_seed(self.seed)
-        data = evaluator.data
-        train = data.loader("train", evaluator.batch_size, device, shuffle=True, augment=True,
-                            generator=gen, drop_last=True).infinite()
-        plain = data.loader("train", evaluator.batch_size, device, shuffle=True, generator=gen,
-                            drop_last=True).infinite()
-        val = data.loader("val", evaluator.eval_batch_size, device)
+        task, amp = evaluator.task, evaluator.amp
+        reference = evaluator.baseline("val").score  # cached by the evaluator
+        train = task.train_batches(self.seed, augment=True)
+        plain = task.train_batches(self.seed, augment=False)
         bn_batches = evaluator.bn_batches if self.bn_batches is None else self.bn_batches
         teacher = evaluator.model if self.distill > 0 else None
 
@@ -266,36 +262,37 @@ class IcePick:
         finetuned = probed = 0
         targets = stage_targets(space.names, policy.ratios, stages=self.stages, schedule=self.schedule)
         for i, cumulative in enumerate(targets):
-            model = self.prune_to(model, space, cumulative, policy.criterion, evaluator.example_input,
-                                  calibration=evaluator.calibration, seed=evaluator.seed)
-            recalibrate_bn(model, plain, bn_batches, amp)
+            model = self.prune_to(model, space, cumulative, policy.criterion, evaluator.example_inputs,
+                                  calibration=evaluator.calibration, seed=evaluator.seed, task=task)
+            recalibrate_bn(model, task, plain, bn_batches, amp)
             alpha = count_params(model) / space.base_params
-            acc, _ = score(model, val, amp)
-            stage = Stage(i, alpha, acc, reference - acc, finetuned=False)
+            value = evaluator.metrics_of(model, "val")[task.metric]
+            stage = Stage(i, alpha, value, task.shortfall(reference, value), finetuned=False)
             if stage.drop >= self.threshold and self.finetune_steps > 0:
                 stage.finetuned = True
                 stage.lr = self.lr(alpha)
                 if self.freeze_ratio > 0 and self.probe_steps > 0:
-                    stage.frozen = self.probe(model, train, stage.lr, amp)
+                    stage.frozen = self.probe(model, task, train, stage.lr, amp)
                     probed += self.probe_steps
                 trainable = freeze(model, stage.frozen)
-                train_steps(model, train, self.finetune_steps, stage.lr, momentum=self.momentum,
+                train_steps(model, task, train, self.finetune_steps, stage.lr, momentum=self.momentum,
                             weight_decay=self.weight_decay, teacher=teacher, distill=self.distill,
                             temperature=self.temperature, amp=amp, params=trainable)
                 freeze(model, [])
                 finetuned += self.finetune_steps
-                stage.accuracy_after, _ = score(model, val, amp)
+                stage.score_after = evaluator.metrics_of(model, "val")[task.metric]
             history.append(stage)
         return IcePickResult(model.eval(), time.perf_counter() - t0, finetuned, probed, history)
 
     @staticmethod
     def prune_to(model: nn.Module, space: Space, cumulative: Mapping[str, float], criterion: str,
-                 example_input: torch.Tensor, calibration: Calibration | None = None, seed: int = 0) -> nn.Module:
+                 example_inputs: Any, calibration: Calibration | None = None, seed: int = 0,
+                 task: Any = None) -> nn.Module:
         """A copy of ``model`` (the base model, possibly pruned and fine-tuned already) with the channel
         counts that ``cumulative`` gives the base model's groups; only the additional channels go,
         chosen by ``criterion`` on ``model``'s current weights (and on ``calibration`` batches for the
         criteria that read data)."""
-        current = Space.from_model(model, example_input)
+        current = Space.from_model(model, example_inputs)
         missing = [n for n in space.names if n not in current.by_name]
         if missing:
             raise InputError(f"ICE-Pick lost track of group {missing[0]!r} after pruning; pin it with --ignore")
@@ -306,9 +303,9 @@ class IcePick:
             ratios[name] = max(0.0, 1.0 - keep / channels)
         if not any(r > 0 for r in ratios.values()):
             return model
-        return ChannelPruner(current, calibration, seed).prune(Policy(ratios, criterion=criterion))
+        return ChannelPruner(current, calibration, seed, task).prune(Policy(ratios, criterion=criterion))
 
-    def probe(self, model: nn.Module, batches: Iterator, lr: float, amp: bool = False) -> list[str]:
+    def probe(self, model: nn.Module, task: Any, batches: Iterator, lr: float, amp: bool = False) -> list[str]:
         """The ``freeze_ratio`` of layers whose weights move least (relative to their norm) in
         ``probe_steps`` SGD steps on a copy of ``model``."""
         names = layer_names(model)
@@ -318,8 +315,8 @@ class IcePick:
         trial = copy.deepcopy(model)
         modules = dict(trial.named_modules())
         before = {n: modules[n].weight.detach().clone() for n in names}
-        train_steps(trial, batches, self.probe_steps, lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                    schedule="constant", amp=amp)
+        train_steps(trial, task, batches, self.probe_steps, lr, momentum=self.momentum,
+                    weight_decay=self.weight_decay, schedule="constant", amp=amp)
         moved = {
             n: float((modules[n].weight.detach() - before[n]).norm() / before[n].norm().clamp_min(1e-12))
             for n in names

@@ -40,13 +40,14 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from autoprune.cost import forward_once
-from autoprune.errors import InputError
+from autoprune.errors import InputError, ParameterError
 from autoprune.policy import Policy, nm_pattern, parse_granularity, snap_ratio
 from autoprune.space import Space
 
@@ -60,8 +61,8 @@ MASK_CRITERIA = {
 def check_criterion(granularity: str, criterion: str) -> None:
     """Refuse a criterion that a masked granularity cannot use, naming the ones it can."""
     if criterion not in MASK_CRITERIA:
-        raise InputError(f"criterion {criterion!r} does not apply to --granularity {granularity}; "
-                         f"it supports {', '.join(MASK_CRITERIA)}")
+        raise ParameterError("criterion", criterion, f"does not apply to granularity {granularity}; "
+                             f"it supports {', '.join(MASK_CRITERIA)}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class MaskPruner:
         self.seed = seed
         modules = space.modules
         out_groups = {layer.name: layer.out_groups for layer in space.layers()}
-        positions = _positions(space.model, space.example_input)
+        positions = _positions(space.model, space.example_inputs)
         self.layers: list[MaskedLayer] = []
         for name, pos in positions.items():
             m = modules[name]
@@ -236,7 +237,7 @@ def sync_masked_weights(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _positions(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+def _positions(model: nn.Module, x: Any) -> dict[str, int]:
     """Output positions per sample (all calls together) of every conv and linear layer, in the order
     they first run: a layer's MACs are these positions times its weight count."""
     out: dict[str, int] = {}
