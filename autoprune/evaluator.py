@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.budget import Budget, all_hold
 from autoprune.cost import count_flops, count_params, measure_latency
 from autoprune.errors import CandidateError, InputError, ParameterError
 from autoprune.policy import Policy, parse_granularity, snap_ratio
@@ -260,9 +259,6 @@ class Evaluator:
             pol = policy if isinstance(policy, Policy) else self.policy(ratios)
             out["latency"] = self.latency_of(self.pruner_for(pol.granularity).prune(pol))
         return out
-
-    def feasible(self, budgets: Iterable[Budget], resources: Mapping[str, float]) -> bool:
-        return all_hold(budgets, resources, self.base)
 
     # -- evaluation ---------------------------------------------------------------------------
     def build(self, policy: Policy, finetune_steps: int = 0) -> nn.Module:

@@ -94,14 +94,18 @@ class SmallNet(nn.Module):
 # -- a dense-prediction model: masks derived from the images, scored by mIoU ---------------------------
 
 
-class MaskedImages(Dataset):
-    """The PNGs with a mask per image: foreground where a pixel is brighter than the image's median."""
+class OnImages(Dataset):
+    """Samples made from the PNGs of an ImageFolder, read one by one."""
 
     def __init__(self, folder):
         self.images = torchvision.datasets.ImageFolder(folder, transform=transforms.ToTensor())
 
     def __len__(self):
         return len(self.images)
+
+
+class MaskedImages(OnImages):
+    """The PNGs with a mask per image: foreground where a pixel is brighter than the image's median."""
 
     def __getitem__(self, i):
         x, _ = self.images[i]
@@ -164,12 +168,8 @@ class TwoInputs(nn.Module):
         return {"logits": self.head(z), "embedding": z}
 
 
-class WithSide(Dataset):
-    def __init__(self, folder):
-        self.images = torchvision.datasets.ImageFolder(folder, transform=transforms.ToTensor())
-
-    def __len__(self):
-        return len(self.images)
+class WithSide(OnImages):
+    """The PNGs with a vector of side information and the label, as a dict."""
 
     def __getitem__(self, i):
         x, y = self.images[i]
