@@ -151,3 +151,41 @@ def test_console_script_exits_2_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("autoprune: error:") and "Traceback" not in proc.stderr
+
+
+def test_an_unexpected_error_is_one_line_exit_1_and_a_log_with_the_traceback(capsys, tmp_path, monkeypatch):
+    import autoprune.runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("AUTOPRUNE_DEBUG", raising=False)
+    monkeypatch.setattr(autoprune.runner, "prepare", broken)
+    code, _, err = run(capsys, "search", "--budget-flops", "50%", "--storage", f"sqlite:///{tmp_path}/a.db")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "search failed: RuntimeError: something inside broke (traceback in " in lines[0]
+    logs = list((tmp_path / "cache" / "logs").glob("autoprune-search-*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text() and "second line" in logs[0].read_text()
+    monkeypatch.setenv("AUTOPRUNE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="something inside broke"):
+        main(["search", "--budget-flops", "50%", "--storage", f"sqlite:///{tmp_path}/a.db"])
+
+
+def test_the_flags_come_from_the_typed_configuration_with_readable_metavars(capsys):
+    from dataclasses import fields
+
+    from autoprune.config import SearchConfig, SourceConfig
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = capsys.readouterr().out
+    for f in fields(SearchConfig) + fields(SourceConfig):
+        if f.metadata.get("flag", True):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--amc-warmup N" in text and "--sensitivity-ratios R[,R...]" in text and "AGENTOPT" not in text
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    compare = capsys.readouterr().out
+    assert "--finetune-lr LR" in compare and "--bn-batches N" in compare and "--distill X" in compare
