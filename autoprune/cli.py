@@ -193,21 +193,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autoprune.runner import export
+    from autoprune.task import format_metric
 
     policy, path = export(args.study, _storage(args), args.output)
     m = policy.metrics
     metric = m.get("metric", "accuracy")
-    print(f"exported trial {policy.search.get('trial')} of {args.study}: {metric} {_fmt(metric, m['score'])}, "
-          f"FLOPs {m['flops_ratio']:.1%} of the original -> {path}")
+    print(f"exported trial {policy.search.get('trial')} of {args.study}: {metric} "
+          f"{format_metric(metric, m['score'])}, FLOPs {m['flops_ratio']:.1%} of the original -> {path}")
     return EXIT_OK
-
-
-def _fmt(metric: str, value: float | None) -> str:
-    from autoprune.task import FRACTION_METRICS
-
-    if value is None:
-        return "-"
-    return f"{value:.2%}" if metric.lower() in FRACTION_METRICS else f"{value:.4g}"
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -225,6 +218,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         log=lambda m: print(m, file=sys.stderr),
     )
     from autoprune.pruning.masks import sync_masked_weights
+    from autoprune.task import format_metric
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +227,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     effective = " effective" if result.flops_dense is not None else ""
     print(f"pruned model: FLOPs{effective} {format_amount('flops', result.flops)} ({result.flops / base:.1%} of "
           f"{format_amount('flops', base)}), params{effective} {format_amount('params', result.params)}, "
-          f"validation {result.metric} {_fmt(result.metric, result.score)} after {result.finetune_steps} "
-          "fine-tune steps")
+          f"validation {result.metric} {format_metric(result.metric, result.score)} after "
+          f"{result.finetune_steps} fine-tune steps")
     if result.flops_dense is not None:
         print(f"{policy.granularity} masks: dense FLOPs {format_amount('flops', result.flops_dense)}, dense params "
               f"{format_amount('params', result.params_dense)} (kept in weight_orig and weight_mask; "
@@ -244,7 +238,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         metric = recorded.get("metric", "accuracy")
         value = recorded.get("score", recorded.get(metric))
         print(f"recorded in the study: FLOPs {format_amount('flops', recorded['flops'])}, "
-              f"{metric} {_fmt(metric, value)}")
+              f"{metric} {format_metric(metric, value)}")
     print(f"saved {out} (load with torch.load(path, weights_only=False))")
     return EXIT_OK
 

@@ -28,6 +28,7 @@ from autoprune.errors import InputError, ParameterError
 from autoprune.policy import Policy
 from autoprune.runner import Setup, default_study_name, make_evaluator, run_search
 from autoprune.study import load_study
+from autoprune.task import format_metric
 
 # the columns of the table; test_score and val_score are headed by the task's metric (test_accuracy, ...)
 COLUMNS = ("agent", "test_score", "val_score", "flops", "flops_ratio", "params", "params_ratio",
@@ -167,16 +168,12 @@ def _cell(column: str, value: Any, fmt: Callable[[float], str]) -> str:
     return str(value)
 
 
-def _fmt(metric: str) -> Callable[[float], str]:
-    from autoprune.task import FRACTION_METRICS
-
-    return (lambda v: f"{v:.2%}") if metric.lower() in FRACTION_METRICS else (lambda v: f"{v:.4g}")
-
-
 def markdown(rows: Sequence[Row], title: str | None = None) -> str:
     """The table as GitHub Markdown (percentages and human amounts)."""
     metric = rows[0].metric if rows else "accuracy"
-    fmt = _fmt(metric)
+    def fmt(value: float) -> str:
+        return format_metric(metric, value)
+
     out = io.StringIO()
     if title:
         out.write(f"{title}\n\n")

@@ -119,16 +119,10 @@ def _metric(study) -> tuple[str, float]:
 
 def _formatter(study):
     """How the study's objective reads: a percentage for fractions such as accuracy."""
-    from autoprune.task import FRACTION_METRICS
+    from autoprune.task import format_metric
 
     metric, _ = _metric(study)
-
-    def fmt(value: float | None) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.2%}" if metric.lower() in FRACTION_METRICS else f"{value:.4g}"
-
-    return fmt
+    return lambda value: format_metric(metric, value)
 
 
 def pareto_front(points: list[tuple[float, float]], sign: float = 1.0) -> list[int]:

@@ -138,12 +138,14 @@ class Task(abc.ABC):
 
     def format(self, value: float | None) -> str:
         """The objective as people read it: a percentage for fractions such as accuracy."""
-        if value is None or not math.isfinite(value):
-            return "-"
-        return f"{value:.2%}" if self.metric.lower() in FRACTION_METRICS else f"{value:.4g}"
+        return format_metric(self.metric, value)
 
-    def describe(self) -> str:
-        return f"{self.metric} ({self.direction}d) on {self.name}"
+
+def format_metric(metric: str, value: float | None) -> str:
+    """A metric's value as people read it: a percentage for fractions such as accuracy or mIoU."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.2%}" if metric.lower() in FRACTION_METRICS else f"{value:.4g}"
 
 
 def check_task(task: Any) -> Task:
