@@ -165,14 +165,15 @@ def _one_agents_options(args: argparse.Namespace, agent: str) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.config import DEFAULT_AGENT
-    from autoprune.report import ProgressReporter, print_summary
+    from autoprune.report import ProgressReporter, TrainingProgress, print_summary
     from autoprune.runner import prepare, run_search
 
     console = _console()
     agent = args.agent or DEFAULT_AGENT
     config = _config(args, agent=agent, agent_options=_one_agents_options(args, agent))
     source = _source(args)  # bad input is refused before any heavy work
-    setup = prepare(source, device=config.device, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    setup = prepare(source, device=config.device, log=lambda m: console.print(f"[dim]{m}[/dim]"),
+                    progress=TrainingProgress(console))
     reporter = ProgressReporter(console)
     try:
         outcome = run_search(setup.model, setup.task, config, info=setup.info, reporter=reporter, output=args.output)
@@ -246,10 +247,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from autoprune.report import TrainingProgress
     from autoprune.runner import prepare
 
     source = _source(args).replace(pretrain_steps=args.steps)
-    setup = prepare(source, device=args.device)
+    console = _console()
+    setup = prepare(source, device=args.device, log=lambda m: console.print(f"[dim]{m}[/dim]"),
+                    progress=TrainingProgress(console))
     print(f"cached weights: {setup.info.get('checkpoint')}")
     if args.output:
         torch.save(setup.model.state_dict(), args.output)
@@ -288,7 +292,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from autoprune.compare import markdown, parse_agents, run_compare, write_tables
     from autoprune.config import agent_options_given
-    from autoprune.report import ProgressReporter
+    from autoprune.report import ProgressReporter, TrainingProgress
     from autoprune.runner import prepare
 
     console = _console()
@@ -303,7 +307,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config.replace(agent=agent, agent_options=options.get(agent, {}))
     source = _source(args)
     log = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
-    setup = prepare(source, device=config.device, log=log)
+    setup = prepare(source, device=config.device, log=log, progress=TrainingProgress(console))
     rows = run_compare(setup, config, agents, final_steps=args.final_steps, study_prefix=args.study_prefix,
                        agent_options=options, reporter=lambda agent: ProgressReporter(console), log=log)
     title = (f"{setup.info['name']} on {setup.task.name}, {', '.join(str(b) for b in config.budget_list())}: "

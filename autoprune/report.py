@@ -10,6 +10,14 @@ from autoprune.agents import Reporter
 from autoprune.budget import Budget, format_amount
 
 
+def _bar(console: Console, label: str) -> Progress:
+    """A started rich progress bar: label, bar, done/total, elapsed time, a status text."""
+    progress = Progress(TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[status]}"), console=console, transient=False)
+    progress.start()
+    return progress
+
+
 class ProgressReporter(Reporter):
     """A rich progress bar over the trials, with the best feasible accuracy so far."""
 
@@ -19,11 +27,7 @@ class ProgressReporter(Reporter):
         self.task = None
 
     def start(self, total: int | None, done: int) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]search[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=self.console, transient=False,
-        )
-        self.progress.start()
+        self.progress = _bar(self.console, "search")
         self.task = self.progress.add_task("search", total=total, completed=min(done, total or done),
                                            status="resumed" if done else "")
 
@@ -38,6 +42,26 @@ class ProgressReporter(Reporter):
 
     def stop(self) -> None:
         if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class TrainingProgress:
+    """A rich progress bar over training steps (``autoprune.pretrain.Progress``), shown only once training
+    starts (a cached model shows nothing) and closed at the last step."""
+
+    def __init__(self, console: Console, label: str = "training") -> None:
+        self.console = console
+        self.label = label
+        self.progress: Progress | None = None
+        self.task = None
+
+    def __call__(self, done: int, total: int, status: str) -> None:
+        if self.progress is None:
+            self.progress = _bar(self.console, self.label)
+            self.task = self.progress.add_task(self.label, total=total, status=status)
+        self.progress.update(self.task, completed=done, status=status)
+        if done >= total:
             self.progress.stop()
             self.progress = None
 

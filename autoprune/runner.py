@@ -23,7 +23,7 @@ from autoprune.evaluator import Evaluation, Evaluator, resolve_device
 from autoprune.models import build_model, load_checkpoint
 from autoprune.models.checkpoint import fingerprint
 from autoprune.policy import Policy
-from autoprune.pretrain import load_or_train
+from autoprune.pretrain import Progress, load_or_train
 from autoprune.study import (
     DEFAULT_STORAGE,
     best_feasible,
@@ -52,13 +52,13 @@ class Setup:
 
 
 def prepare(source: SourceConfig | None = None, *, device: torch.device | str = "auto",
-            log: Callable[[str], None] = print) -> Setup:
+            log: Callable[[str], None] = print, progress: Progress | None = None) -> Setup:
     """Build the task (a built-in dataset, or ``source.task``'s factory), build the model for it, and load
     (or train once and cache) its weights.
 
     With no checkpoint a zoo or torchvision model is trained for ``pretrain_steps`` (default
     ``DEFAULT_PRETRAIN_STEPS``) and cached; a user factory is trained only when asked, since it may
-    carry its own weights.
+    carry its own weights. ``progress`` follows that training (:func:`autoprune.pretrain.train_model`).
     """
     from autoprune.data import load_dataset
 
@@ -93,7 +93,8 @@ def prepare(source: SourceConfig | None = None, *, device: torch.device | str = 
         steps = source.pretrain_steps if source.pretrain_steps is not None else (
             0 if user_file else DEFAULT_PRETRAIN_STEPS)
         if steps > 0:
-            path = load_or_train(net, source.model, task, steps, device=device, seed=PRETRAIN_SEED, log=log)
+            path = load_or_train(net, source.model, task, steps, device=device, seed=PRETRAIN_SEED, log=log,
+                                 progress=progress)
             info["pretrain_steps"] = steps
             info["checkpoint"] = str(path)
     return Setup(net.to(device).eval(), task, info)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,13 +45,16 @@ def train_steps(
     schedule: str = "cosine",
     amp: bool = False,
     params: list[torch.nn.Parameter] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> float:
     """Run ``steps`` SGD steps (momentum, weight decay, cosine or constant LR) on ``task.loss``; return
     the last loss.
 
     With a ``teacher`` and ``distill`` > 0 the loss is ``(1 - distill) * task.loss + distill *
     task.distill_loss(student, teacher, T)`` (Hinton et al., 2015). A non-finite loss raises
-    :class:`CandidateError`, so one diverging candidate does not end a search.
+    :class:`CandidateError`, so one diverging candidate does not end a search. ``on_step(step, loss)``
+    is called after every step with the steps done and the (detached) loss; reading the loss's value
+    waits for the device, so a caller that reports progress reads it only now and then.
     """
     if steps <= 0:
         return float("nan")
@@ -80,6 +83,8 @@ def train_steps(
         if sched is not None:
             sched.step()
         last = loss.detach()
+        if on_step is not None:
+            on_step(step + 1, last)
         if step % 50 == 49 and not torch.isfinite(last):  # checking every step would sync the GPU
             break
     value = float(last)
