@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check autoprune tests benchmarks
+
+# search quality on Fashion-MNIST (apt-get install dataset-fashion-mnist); about an hour on 2 cores per seed
+FMNIST ?= /usr/share/datasets/fashion-mnist
+quality: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/quality.py --data-root $(FMNIST) -o $(OUT)/quality
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -263,7 +263,11 @@ class Evaluator:
     # -- evaluation ---------------------------------------------------------------------------
     def build(self, policy: Policy, finetune_steps: int = 0) -> nn.Module:
         """The pruned, BN-recalibrated and fine-tuned model for ``policy`` (deterministic per seed)."""
-        model = self.pruner_for(policy.granularity).prune(policy)
+        return self.finish(self.pruner_for(policy.granularity).prune(policy), finetune_steps)
+
+    def finish(self, model: nn.Module, finetune_steps: int = 0) -> nn.Module:
+        """``model``, already pruned (by a policy, or by other means such as another library's pruner),
+        BN-recalibrated and fine-tuned as every candidate is: the same batches, LR and distillation."""
         recalibrate_bn(model, self.task, self.task.train_batches(self.seed, augment=False), self.bn_batches,
                        self.amp)
         if finetune_steps > 0:

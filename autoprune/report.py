@@ -217,7 +217,7 @@ def sensitivity_plot(study, storage: str, path):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from autoprune.agents.sensitivity import monotone, scan_drops
+    from autoprune.agents.sensitivity import drop_at, monotone, scan_drops
     from autoprune.errors import InputError
     from autoprune.study import load_study
 
@@ -248,8 +248,9 @@ def sensitivity_plot(study, storage: str, path):
                 label="probe")
         if threshold is not None:
             ax.axhline(100 * threshold, ls="--", c="tab:red", lw=1, label="threshold")
+        if chosen.get("ratios"):
             r = chosen["ratios"][g]
-            ax.plot([r], [100 * min(threshold, curve[-1][1])], "D", c="tab:red", ms=5, label="chosen ratio")
+            ax.plot([r], [100 * drop_at(curve, r)], "D", c="tab:red", ms=5, label="chosen ratio")
         ax.set_title(g, fontsize=8)
         # linear up to 1 point, where the threshold usually is, logarithmic above: both stay readable
         ax.set_yscale("symlog", linthresh=1.0, linscale=1.5)

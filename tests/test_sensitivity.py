@@ -14,7 +14,9 @@ import autoprune.study
 from autoprune.agents import Limits, SearchContext, get_agent
 from autoprune.agents.sensitivity import (
     PLATEAU_SLOPE,
+    allocate,
     bisect_threshold,
+    drop_at,
     monotone,
     probe_key,
     ratio_at,
@@ -90,6 +92,29 @@ def test_groups_level_at_the_threshold_go_along_their_plateaus_together():
     assert ratios_at(tilted, t) == pytest.approx({"a": 0.25, "b": 0.25}, abs=1e-3)  # just what the budget needs
 
 
+def test_resource_allocation_prunes_first_where_a_drop_saves_most():
+    same = {0.5: 0.1, 0.9: 0.5}
+    curves = {"a": monotone(same), "b": monotone(same)}
+    cost = lambda r: 2 * (1 - r["a"]) + (1 - r["b"])  # noqa: E731  a's channels cost twice b's
+    # the same drop saves twice as much in a: a goes first, and only as far as the budget needs
+    assert allocate(curves, lambda r: cost(r) <= 2.0, cost) == pytest.approx({"a": 0.5, "b": 0.0}, abs=1e-5)
+    # a loses more than b at half its channels, but less per FLOP saved: a still goes first
+    steeper = {"a": monotone({0.5: 0.15, 0.9: 0.5}), "b": monotone({0.5: 0.1, 0.9: 0.5})}
+    assert allocate(steeper, lambda r: cost(r) <= 2.0, cost) == pytest.approx({"a": 0.5, "b": 0.0}, abs=1e-5)
+    # the threshold rule prunes both alike and so loses more for the same budget
+    t = bisect_threshold(curves, lambda r: cost(r) <= 2.0)
+    even = ratios_at(curves, t)
+    assert even["a"] == pytest.approx(even["b"]) and even["a"] > 0
+    loss = lambda r: sum(drop_at(curves[g], x) for g, x in r.items())  # noqa: E731
+    assert loss(allocate(curves, lambda r: cost(r) <= 2.0, cost)) < loss(even)
+    # a cheap group that loses nothing is pruned before an expensive one that loses much
+    curves = {"a": monotone({0.5: 0.4}), "b": monotone({0.5: 0.0, 0.9: 0.01})}
+    assert allocate(curves, lambda r: cost(r) <= 2.5, cost) == pytest.approx({"a": 0.0, "b": 0.5}, abs=1e-5)
+    assert allocate(curves, lambda r: True, cost) == {"a": 0.0, "b": 0.0}
+    assert allocate(curves, lambda r: False, cost) is None
+    assert drop_at(monotone(same), 0.25) == pytest.approx(0.05) and drop_at(monotone(same), 0.95) == 0.5
+
+
 def test_options_are_checked():
     assert get_agent("sensitivity")(ratios="0.5, 0.1,0.5").ratios == (0.1, 0.5)
     assert get_agent("sensitivity")(ratios=[0.2, 0.4]).ratios == (0.2, 0.4)  # as a worker reads them back
@@ -97,6 +122,9 @@ def test_options_are_checked():
         get_agent("sensitivity")(ratios="0.5,1.2")
     with pytest.raises(InputError, match="sensitivity option probe_steps=-1: must be an integer >= 0"):
         get_agent("sensitivity")(probe_steps=-1)
+    assert get_agent("sensitivity")().allocation == "threshold"
+    with pytest.raises(InputError, match="sensitivity option allocation='knapsack': .*threshold.*resource"):
+        get_agent("sensitivity")(allocation="knapsack")
     with pytest.raises(InputError, match="sensitivity option stale_after=60: no such option"):  # heartbeats now
         get_agent("sensitivity")(stale_after=60)
 
@@ -147,6 +175,24 @@ def test_one_threshold_gives_a_policy_that_meets_the_budget_tightly(scanned):
     # the smallest threshold that fits (0 when groups lose nothing up to ratios that meet the budget)
     assert threshold == 0 or not ctx.budgets.fits(ratios_at(curves, max(0.0, threshold - 1e-4)))
     assert all(0 <= r <= 0.6 for r in result.policy.ratios.values())
+
+
+def test_the_resource_allocation_reuses_the_scan_and_meets_the_budget(scanned, fresh_evaluator):
+    storage, _, _ = scanned
+    ev = fresh_evaluator()
+    budgets = Budgets([parse_budget("flops", "80%")], ev)
+    st = open_study("resnet20-digits-sensitivity-resource", storage)
+    ctx = SearchContext(ev, budgets, st, "sensitivity", limits=Limits(1, None), storage=open_storage(storage))
+    result = get_agent("sensitivity")(ratios=RATIOS, allocation="resource").search(ctx)
+    assert ev.evaluations == 1  # the scan is shared with the threshold searches
+    assert result.evaluation.flops <= 0.8 * ev.space.base_flops
+    info = st.user_attrs["sensitivity"]
+    assert info["allocation"] == "resource" and info["threshold"] is None
+    scan, _ = probes(storage, ev)
+    curves = {g: monotone(d, PLATEAU_SLOPE) for g, d in scan_drops(scan).items()}
+    cost = get_agent("sensitivity").resource(ctx)
+    assert result.policy.ratios == pytest.approx(allocate(curves, budgets.fits, cost))
+    assert result.policy.search["sensitivity"]["allocation"] == "resource"
 
 
 def test_a_search_at_another_budget_runs_no_new_probe(scanned, fresh_evaluator):

@@ -72,6 +72,7 @@ from autoprune.study import has_waiting, open_study, queued_state, sampling_with
 DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 POLL_SECONDS = 1.0  # how often a process waiting for other processes' probes looks again
 RATIO_DIGITS = 6  # ratios are compared rounded to this many digits
+ALLOCATIONS = ("threshold", "resource")
 PLATEAU_SLOPE = 1e-6  # drop added per unit of ratio, so that flat stretches are crossed gradually (step 2)
 
 Curve = list[tuple[float, float]]  # (ratio removed, accuracy drop) from (0, 0) up, drops non-decreasing
@@ -114,6 +115,52 @@ def ratio_at(curve: Curve, threshold: float) -> float:
 
 def ratios_at(curves: Mapping[str, Curve], threshold: float) -> dict[str, float]:
     return {group: ratio_at(curve, threshold) for group, curve in curves.items()}
+
+
+def drop_at(curve: Curve, ratio: float) -> float:
+    """The curve's drop at ``ratio``, linear between scanned points (the last drop beyond them)."""
+    for (r0, d0), (r1, d1) in zip(curve, curve[1:]):
+        if ratio <= r1:
+            return d0 + (d1 - d0) * (ratio - r0) / (r1 - r0) if r1 > r0 else d1
+    return curve[-1][1]
+
+
+def allocate(curves: Mapping[str, Curve], fits: Callable[[dict[str, float]], bool],
+             resource: Callable[[dict[str, float]], float]) -> dict[str, float] | None:
+    """Ratios that meet the budget while losing the least in all, the curves read as additive drops: the
+    greedy of a knapsack. From no pruning, every step moves the one group, to whichever of its larger
+    scanned ratios, that adds the least drop per unit of ``resource`` (FLOPs, say) saved; the last step
+    is cut short (bisected) so that the budget is met tightly. Where the threshold rule gives every group
+    the same drop, this one equalises the drop *per resource saved*, so a group that is cheap to keep
+    (few FLOPs per channel) keeps more. None when even the largest ratios do not fit."""
+    current = {g: 0.0 for g in curves}
+    if fits(current):
+        return current
+    if not fits({g: c[-1][0] for g, c in curves.items()}):
+        return None
+    spent = {g: 0.0 for g in curves}  # the drop each group's current ratio costs
+    while True:
+        now = resource(current)
+        best: tuple[float, float, str, float] | None = None
+        for g, curve in curves.items():
+            for r, d in curve[1:]:
+                if r <= current[g] + 1e-12:
+                    continue
+                saved = now - resource({**current, g: r})
+                if saved <= 0:
+                    continue
+                key = (max(d - spent[g], 0.0) / saved, -saved)
+                if best is None or key < best[:2]:
+                    best = (key[0], key[1], g, r)
+        if best is None:
+            return None
+        _, _, g, r = best
+        step = {**current, g: r}
+        if fits(step):
+            chosen = bisect(lambda x, base=dict(current), group=g: fits({**base, group: x}), current[g], r,
+                            tol=1e-6)
+            return {**current, g: chosen}
+        current, spent[g] = step, drop_at(curves[g], r)
 
 
 def bisect_threshold(curves: Mapping[str, Curve], fits: Callable[[dict[str, float]], bool],
@@ -202,6 +249,9 @@ class SensitivityAgent(Agent):
                          "separated", metavar="R[,R...]",
                          accepts=f"give fractions removed in (0, 1), separated by commas, e.g. {DEFAULT_RATIOS}"),
         "probe_steps": Option(int, 0, "fine-tune steps of every probe (0: adaptive BN only)", low=0),
+        "allocation": Option(str, "threshold", "threshold: every group pruned up to one common drop; resource: "
+                             "the least drop per resource saved (a greedy knapsack over the curves)",
+                             choices=ALLOCATIONS),
     }
 
     def search(self, ctx: SearchContext) -> SearchResult:
@@ -235,22 +285,43 @@ class SensitivityAgent(Agent):
         worst = max([abs(baseline), *measured_drops])  # what a failed probe counts as losing
         curves = {g: monotone({r: drops.get(g, {}).get(r, worst) for r in ratios}, PLATEAU_SLOPE)
                   for g in names}
-        threshold = bisect_threshold(curves, ctx.budgets.fits)
-        if threshold is None:  # only a noisy latency measurement can turn the check above around
+        if self.allocation == "threshold":
+            threshold = bisect_threshold(curves, ctx.budgets.fits)
+            chosen = ratios_at(curves, threshold) if threshold is not None else None
+        else:
+            threshold, chosen = None, allocate(curves, ctx.budgets.fits, self.resource(ctx))
+        if chosen is None:  # only a noisy latency measurement can turn the check above around
             self.unreachable(ctx, ratios[-1])
-        chosen = ratios_at(curves, threshold)
-        set_study_info(ctx.study, sensitivity={"threshold": threshold, "scan_ratios": ratios,
+        set_study_info(ctx.study, sensitivity={"threshold": threshold, "allocation": self.allocation,
+                                               "scan_ratios": ratios,
                                                "probe_steps": self.probe_steps, "baseline_score": baseline,
                                                "ratios": chosen})
         kept = ev.cost(chosen, latency=False)["flops"] / ctx.budgets.base["flops"]
-        ctx.reporter.message(f"threshold: a drop of {threshold:.4g} in {task.metric}, FLOPs {kept:.1%} of the "
-                             "unpruned model")
+        how = f"threshold: a drop of {threshold:.4g} in {task.metric}" if threshold is not None else \
+            f"least predicted drop per resource saved: {sum(drop_at(curves[g], r) for g, r in chosen.items()):.4g}"
+        ctx.reporter.message(f"{how}, FLOPs {kept:.1%} of the unpruned model")
         policy = ev.policy(chosen, search={"sensitivity": {"scan": scan.study_name, "threshold": threshold,
-                                                           "scan_ratios": ratios, "probe_steps": self.probe_steps}})
+                                                           "allocation": self.allocation, "scan_ratios": ratios,
+                                                           "probe_steps": self.probe_steps}})
         self.score_final(ctx, policy, threshold, scan.study_name)
         best = ctx.best()
         best.info.update(info, threshold=threshold, ratios=chosen)
         return best
+
+    @staticmethod
+    def resource(ctx: SearchContext) -> Callable[[dict[str, float]], float]:
+        """What the ``resource`` allocation saves: the predicted cost under every budget, each as a
+        fraction of its limit, summed (FLOPs stand in for latency, which is not predicted)."""
+        ev, budgets = ctx.evaluator, ctx.budgets
+        limits = {("flops" if b.resource == "latency" else b.resource): b.limit(budgets.base[b.resource])
+                  / budgets.base[b.resource] * budgets.base["flops" if b.resource == "latency" else b.resource]
+                  for b in budgets}
+
+        def cost(ratios: dict[str, float]) -> float:
+            predicted = ev.cost(ratios, latency=False)
+            return sum(predicted[r] / limit for r, limit in limits.items())
+
+        return cost
 
     @staticmethod
     def unreachable(ctx: SearchContext, largest: float) -> None:
