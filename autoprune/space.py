@@ -192,10 +192,10 @@ class Space:
             why = ""
             pattern = next((p for p in ignore for n in outs if fnmatch.fnmatchcase(n, p)), None)
             if first_layer in outs:
-                why = f"the first layer ({first_layer})"
+                why = "the first layer"
             elif classifier in outs or any(n in self.trace.outputs for n in outs):
                 out = classifier if classifier in outs else next(n for n in outs if n in self.trace.outputs)
-                why = f"{out} produces the model's output"
+                why = "produces the model's output" if out == lead else f"{out} produces the model's output"
             elif pattern is not None:
                 why = f"--ignore {pattern}"
             else:
@@ -742,7 +742,6 @@ def _trace(model: nn.Module, x: Any) -> Trace:
     pruners = customized_pruners(model)
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
-    layer_outputs: dict[int, str] = {}
     outputs: set[str] = set()
     watch = _Watch(stack)
     attention = {m: attention_layer(m) for m in model.modules() if attention_layer(m) is not None}
@@ -754,8 +753,9 @@ def _trace(model: nn.Module, x: Any) -> Trace:
                 results.append(call(net, inputs))
         for result in results:
             for t in tensors(result):
-                if id(t) in layer_outputs:
-                    outputs.add(layer_outputs[id(t)])
+                name = getattr(t, "_autoprune_layer", None)  # set by the hook of the layer that made it
+                if name is not None:
+                    outputs.add(name)
         return results
 
     def pre(mod, args):
@@ -765,7 +765,7 @@ def _trace(model: nn.Module, x: Any) -> Trace:
         if stack:
             stack.pop()
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(output, torch.Tensor):
-            layer_outputs[id(output)] = names.get(mod, "")
+            output._autoprune_layer = names.get(mod, "")
 
     handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
     handles += [m.register_forward_hook(post) for m in model.modules()]

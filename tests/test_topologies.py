@@ -157,7 +157,7 @@ def test_auxiliary_heads_are_traced_in_training_mode_and_pruned_with_the_rest_go
     space = ev.space
     assert space.trace.mode == "train"
     for fc in ("fc", "aux1.fc2", "aux2.fc2"):
-        assert space.pinned_reasons[fc] == f"{fc} produces the model's output"
+        assert space.pinned_reasons[fc] == "produces the model's output"
     out = pruned.train()(torch.randn(2, 3, 32, 32))
     assert [o.shape for o in out] == [(2, 10)] * 3  # logits and both auxiliary outputs
     assert_removal_is_silencing(ev, policy)
@@ -481,3 +481,24 @@ def test_image_size_is_recorded_and_apply_rebuilds_the_same_data(tmp_path, capsy
     # the FLOPs depend on the image size: the same figure means apply read the same 24x24 images
     assert count_flops(pruned, torch.zeros(1, 3, 24, 24)) == policy.metrics["flops"]
     assert "(50.0% of" in out or "(49." in out  # apply's own measurement, on its rebuilt data
+
+
+def test_a_model_with_pruned_heads_is_saved_and_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from torchvision.models import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10).eval()
+    space = Space.from_model(model, torch.zeros(1, 3, 32, 32))
+    pruned = ChannelPruner(space).prune(Policy({n: 0.5 for n in space.names}))
+    torch.save(pruned, tmp_path / "pruned.pt")
+    expected = pruned(torch.ones(1, 3, 32, 32))
+    torch.save(expected, tmp_path / "expected.pt")
+    code = (f"import torch; m = torch.load({str(tmp_path / 'pruned.pt')!r}, weights_only=False); "
+            f"e = torch.load({str(tmp_path / 'expected.pt')!r}); "
+            "torch.testing.assert_close(m(torch.ones(1, 3, 32, 32)), e); print(type(m.features[1][0].attn).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "PrunedShiftedWindowAttention"

@@ -368,6 +368,7 @@ def _swin_classes() -> tuple[type, type, type, type]:
     for cls in (PrunedShiftedWindowAttention, PrunedShiftedWindowAttentionV2):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls  # so that a pruned model pickles (torch.save) and loads again
     return (ShiftedWindowAttention, ShiftedWindowAttentionV2, PrunedShiftedWindowAttention,
             PrunedShiftedWindowAttentionV2)
 
@@ -438,6 +439,7 @@ def _maxvit_classes() -> tuple[type, type]:
 
     PrunedRelativePositionalMultiHeadAttention.__module__ = __name__
     PrunedRelativePositionalMultiHeadAttention.__qualname__ = PrunedRelativePositionalMultiHeadAttention.__name__
+    globals()["PrunedRelativePositionalMultiHeadAttention"] = PrunedRelativePositionalMultiHeadAttention
     return RelativePositionalMultiHeadAttention, PrunedRelativePositionalMultiHeadAttention
 
 
@@ -497,6 +499,17 @@ def attention_layers() -> list[AttentionLayer]:
             pass
         _LAYERS = layers
     return _LAYERS
+
+
+def __getattr__(name: str) -> type:
+    # the pruned torchvision classes are made on first use (importing torchvision only then); unpickling a
+    # pruned model in a fresh process looks them up here
+    if name in ("PrunedShiftedWindowAttention", "PrunedShiftedWindowAttentionV2",
+                "PrunedRelativePositionalMultiHeadAttention"):
+        attention_layers()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def attention_layer(module: nn.Module) -> AttentionLayer | None:
