@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install autoprune, run a real search on the embedded default, export the policy
 #   make test   create or update .venv with the dev extras and run the tests (what CI runs)
-#   make test-all   the tests and the slow ones (every torchvision classifier pruned; about an hour on 2 cores)
+#   make test-all   the tests and the slow ones (every torchvision classifier pruned; about 12 minutes on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

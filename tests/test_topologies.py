@@ -408,46 +408,13 @@ def test_every_torchvision_classifier_prunes_within_its_budget(arch):
 
 # -- from the command line -------------------------------------------------------------------------
 
-NETS = '''
-import torch
-import torch_pruning as tp
-from torch import nn
+def readme_example() -> str:
+    """The README's example of a model file with a registered pruner (the code block starting ``# nets.py``)."""
+    from pathlib import Path
 
-import autoprune
-
-
-class Scale(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
-
-    def forward(self, x):
-        return x * self.weight.view(1, -1, 1, 1)
-
-
-class ScalePruner(tp.pruner.BasePruningFunc):
-    def prune_out_channels(self, layer, idxs):
-        keep = [i for i in range(layer.weight.numel()) if i not in set(idxs)]
-        layer.weight = nn.Parameter(layer.weight.detach()[keep])
-        return layer
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer):
-        return layer.weight.numel()
-
-    get_in_channels = get_out_channels
-
-
-if REGISTER:
-    autoprune.register_pruner(Scale, ScalePruner())
-
-
-def net(num_classes=10, in_channels=3):
-    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), Scale(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), Scale(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
-'''
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("```python\n# nets.py") + len("```python\n")
+    return readme[start:readme.index("```", start)]
 
 
 def _cli(capsys, *argv):
@@ -458,14 +425,17 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
-def test_a_factory_model_with_a_registered_pruner_searches_and_applies_from_the_shell(tmp_path, capsys):
-    (tmp_path / "nets.py").write_text("REGISTER = True\n" + NETS)
-    (tmp_path / "plain.py").write_text("REGISTER = False\n" + NETS)
+def test_the_readme_example_of_a_registered_pruner_searches_and_applies_from_the_shell(tmp_path, capsys):
+    example = readme_example()
+    registration = "autoprune.register_pruner(Scale, ScalePruner())\n"
+    assert registration in example
+    (tmp_path / "nets.py").write_text(example)
+    (tmp_path / "plain.py").write_text(example.replace(registration, ""))
     storage = f"sqlite:///{tmp_path}/autoprune.db"
     common = ["--budget-flops", "50%", "--agent", "uniform", "--bn-batches", "2", "--storage", storage]
     code, _, err = _cli(capsys, "search", "--model", tmp_path / "plain.py:net", *common, "-o", tmp_path / "no.json")
     assert code == 2 and err.count("\n") == 1
-    assert "module '4' (Scale) holds a parameter 'weight'" in err and "register_pruner" in err
+    assert "module '4' (Scale) holds a parameter 'weight' that the channels of group '3' run through" in err
     code, out, err = _cli(capsys, "search", "--model", tmp_path / "nets.py:net", *common, "-o", tmp_path / "best.json")
     assert code == 0, err
     assert "kept whole: 2 of 3 groups" in out.replace("\n", " ")
@@ -473,7 +443,7 @@ def test_a_factory_model_with_a_registered_pruner_searches_and_applies_from_the_
     code, out, err = _cli(capsys, "apply", tmp_path / "best.json", "-o", tmp_path / "pruned.pt")
     assert code == 0, err
     pruned = torch.load(tmp_path / "pruned.pt", weights_only=False)
-    assert pruned[4].weight.numel() == pruned[3].out_channels < 32
+    assert pruned[4].weight.numel() == pruned[3].out_channels < 64
     assert count_flops(pruned, torch.zeros(1, 1, 8, 8)) == policy.metrics["flops"]
 
 
