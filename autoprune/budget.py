@@ -300,7 +300,7 @@ class Budgets:
                 f"passed and failed {self} in turn; loosen the budget or time less noisily"
             )
         reasons = getattr(ev.space, "pinned_reasons", {})
-        kept = ", ".join(f"{n} ({why})" for n, why in list(reasons.items())[:2]) + (", ..." if len(reasons) > 2 else "")
+        kept = "; ".join(f"{n}: {why}" for n, why in list(reasons.items())[:2]) + ("; ..." if len(reasons) > 2 else "")
         hint = (f"{len(reasons)} of {len(ev.space.groups)} groups are pinned, kept whole: {kept}; --ignore pins more"
                 if reasons else "pinned layers are kept whole; --ignore pins more")
         if any(b.resource == "latency" and not b.holds(cost["latency"], base["latency"]) for b in self.budgets):

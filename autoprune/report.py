@@ -108,7 +108,7 @@ def _print_pinned(console: Console, outcome, shown: int = 4) -> None:
     reasons = getattr(getattr(ev, "space", None), "pinned_reasons", None)
     if not reasons:
         return
-    items = [f"{name} ({why})" for name, why in list(reasons.items())[:shown]]
+    items = [f"{name}: {why}" for name, why in list(reasons.items())[:shown]]
     more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
     console.print(f"kept whole: {len(reasons)} of {len(ev.space.groups)} groups: {'; '.join(items)}{more}")
 

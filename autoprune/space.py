@@ -432,21 +432,21 @@ class Space:
         inner = heads * hd
         tq, tkv, keys = tok or (0, 0, 0)
         gi = self._index_of(name)
-        on_heads = [(gi, None)] if gi is not None else []
+        decision = [gi] if gi is not None else []  # none when its heads cannot be removed
         w, b = layer.qkv(m)
         o, ob = layer.proj(m)
         qkv = _Term(f"{name}:qkv", "linear", 3 * inner, layer.in_features(m), (tq + 2 * tkv) / 3, 1.0,
                     b is not None, w.numel() + (b.numel() if b is not None else 0),
-                    out_terms=[(g, 3.0 * hd) for g, _ in on_heads])
+                    out_terms=[(g, 3.0 * hd) for g in decision])
         proj = _Term(f"{name}:proj", "linear", layer.out_features(m), inner, float(tq), 1.0, ob is not None,
-                     o.numel() + (ob.numel() if ob is not None else 0), in_terms=[(g, float(hd)) for g, _ in on_heads])
+                     o.numel() + (ob.numel() if ob is not None else 0), in_terms=[(g, float(hd)) for g in decision])
         products = _Term(f"{name}:attention", "attention", inner, 0, 2.0 * tq * keys, 0.0, False, 0,
-                         out_terms=[(g, float(hd)) for g, _ in on_heads])
+                         out_terms=[(g, float(hd)) for g in decision])
         terms = [qkv, proj, products]
         for table, _dim in layer.head_tables(m):
             p = m.get_parameter(table)
             terms.append(_Term(f"{name}:{table}", "other", heads, 0, 0.0, 0.0, False, p.numel(),
-                               out_terms=[(g, 1.0) for g, _ in on_heads]))
+                               out_terms=[(g, 1.0) for g in decision]))
         return terms
 
     def _index_of(self, name: str) -> int | None:
