@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install autoprune, run a real search on the embedded default, export the policy
-#   make test   create or update .venv with the dev extras and run the tests
+#   make test   create or update .venv with the dev extras and run the tests (what CI runs)
+#   make test-all   the tests and the slow ones (every torchvision classifier pruned; about 12 minutes on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out
 
-.PHONY: demo test lint quality clean
+.PHONY: demo test test-all lint quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m 'slow or not slow'
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check autoprune tests benchmarks

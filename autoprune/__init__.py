@@ -10,6 +10,7 @@ from autoprune.api import apply, search
 from autoprune.config import SearchConfig
 from autoprune.errors import CandidateError, InputError, ParameterError
 from autoprune.evaluator import Evaluation, Evaluator
+from autoprune.layers import register_pruner, unregister_pruner
 from autoprune.policy import Policy
 from autoprune.runner import SearchOutcome
 from autoprune.task import ImageClassificationTask, LoaderTask, Task
@@ -30,5 +31,7 @@ __all__ = [
     "Task",
     "__version__",
     "apply",
+    "register_pruner",
     "search",
+    "unregister_pruner",
 ]

@@ -299,7 +299,10 @@ class Budgets:
                 f"budget is at the edge of what this model can reach here: with {how}, measured latency "
                 f"passed and failed {self} in turn; loosen the budget or time less noisily"
             )
-        hint = "pinned layers are kept whole; --ignore pins more"
+        reasons = getattr(ev.space, "pinned_reasons", {})
+        kept = "; ".join(f"{n}: {why}" for n, why in list(reasons.items())[:2]) + ("; ..." if len(reasons) > 2 else "")
+        hint = (f"{len(reasons)} of {len(ev.space.groups)} groups are pinned, kept whole: {kept}; --ignore pins more"
+                if reasons else "pinned layers are kept whole; --ignore pins more")
         if any(b.resource == "latency" and not b.holds(cost["latency"], base["latency"]) for b in self.budgets):
             hint += (f"; latency is timed at batch {ev.latency_batch}, where per-layer overhead that "
                      "pruning cannot remove may dominate: a larger --latency-batch times compute-bound passes")

@@ -2,8 +2,11 @@
 
 FLOPs are counted as **multiply-accumulates (MACs) of convolution and linear layers** for one input
 sample (a weight runs once per output position; per input position in a transposed convolution), the
-convention of AMC, NetAdapt and most pruning papers ("FLOPs" there means MACs). Batch
-norm, activations, pooling and additions are not counted. Every FLOPs figure autoprune prints, stores
+convention of AMC, NetAdapt and most pruning papers ("FLOPs" there means MACs), **and of the attention
+modules autoprune knows** (:mod:`autoprune.layers.attention`: their projections and the two matrix
+products ``QKᵀ`` and ``softmax(·)V``, counted by one hook on the module, since torchvision runs the
+projections functionally; layers inside such a module are not counted again). Batch
+norm, activations, pooling, additions and softmax are not counted. Every FLOPs figure autoprune prints, stores
 or compares uses this one definition; :class:`autoprune.space.Space` predicts the same number
 analytically, and the tests check that prediction against this counter on pruned models.
 
@@ -22,6 +25,17 @@ import torch
 from torch import nn
 
 from autoprune.inputs import call, device_of, first_sample, repeat_batch
+from autoprune.layers.attention import attention_layer
+
+
+def attention_modules(model: nn.Module) -> set[nn.Module]:
+    """The modules inside attention modules of a known kind (not those modules themselves): their FLOPs
+    and parameters are the attention module's."""
+    inside: set[nn.Module] = set()
+    for m in model.modules():
+        if attention_layer(m) is not None:
+            inside.update(sub for sub in m.modules() if sub is not m)
+    return inside
 
 
 def kept_weights(module: nn.Module, name: str = "weight") -> int:
@@ -54,9 +68,19 @@ def count_flops(model: nn.Module, example_inputs: Any, *, effective: bool = Fals
             return
         total += (out.numel() // out.shape[0]) * m.in_features
 
-    hooks = {}
+    def attention_hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        nonlocal total
+        layer = attention_layer(m)
+        total += layer.macs(m, layer.tokens(m, args, kwargs))
+
+    hooks: dict[nn.Module, Any] = {}
+    inside = attention_modules(model)
     for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if m in inside:
+            continue
+        if attention_layer(m) is not None:
+            hooks[m] = attention_hook
+        elif isinstance(m, nn.modules.conv._ConvNd):
             hooks[m] = conv_hook
         elif isinstance(m, nn.Linear):
             hooks[m] = linear_hook
@@ -67,8 +91,12 @@ def count_flops(model: nn.Module, example_inputs: Any, *, effective: bool = Fals
 @torch.no_grad()
 def forward_once(model: nn.Module, example_inputs: Any, hooks: dict[nn.Module, object]) -> None:
     """One eval-mode forward pass of one sample with forward ``hooks`` (module -> hook) attached; the
-    hooks are removed and the model's train/eval mode restored afterwards."""
-    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    hooks are removed and the model's train/eval mode restored afterwards. A hook taking four arguments
+    ``(module, args, kwargs, output)`` gets the keyword arguments too."""
+    import inspect
+
+    handles = [m.register_forward_hook(h, with_kwargs=len(inspect.signature(h).parameters) == 4)
+               for m, h in hooks.items()]
     was_training = model.training
     model.eval()
     try:

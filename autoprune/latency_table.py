@@ -103,6 +103,9 @@ def standalone(space: Space, layer: Layer, in_channels: int, out_channels: int) 
         if layer.kind == "depthwise":
             in_channels = out_channels
             groups = out_channels
+        elif layer.kind == "grouped":  # whole groups go: each keeps its widths, their number follows the outputs
+            groups = max(1, out_channels // (m.out_channels // m.groups))
+            in_channels = groups * (m.in_channels // m.groups)
         else:  # grouped convs keep as many groups as both channel counts allow
             groups = math.gcd(m.groups, math.gcd(in_channels, out_channels))
         module = type(m)(in_channels, out_channels, m.kernel_size, m.stride, m.padding, m.dilation, groups,
@@ -224,8 +227,8 @@ class LatencyTable:
             sig = signatures[layer.name]
             ins = cls._points(space, layer.in_channels, layer.in_groups, step)
             outs = cls._points(space, layer.out_channels, layer.out_groups, step)
-            if layer.kind == "depthwise":
-                ins = [layer.in_channels]
+            if layer.kind in ("depthwise", "grouped"):
+                ins = [layer.in_channels]  # its inputs follow its outputs
             if sig in grids:
                 ins = sorted(set(ins) | set(grids[sig][0]))
                 outs = sorted(set(outs) | set(grids[sig][1]))

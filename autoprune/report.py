@@ -86,6 +86,7 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
     base_test, best_test = outcome.baseline_test, outcome.best_test
     if best is None:
         console.print(table)
+        _print_pinned(console, outcome)
         return
 
     fmt = _formatter(st)
@@ -113,6 +114,7 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
                       _ratio(p_lat, b_lat))
     table.add_row("fine-tune steps", "-", str(best.finetune_steps), "")
     console.print(table)
+    _print_pinned(console, outcome)
     settings = _config(st)
     if masked:
         granularity = settings.get("granularity", "masked")
@@ -122,6 +124,17 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
         if dense:
             console.print(f"{granularity} leaves {len(dense)} layer(s) dense (input dimension not a multiple of "
                           f"M, depthwise convs among them): {', '.join(dense[:6])}{' ...' if len(dense) > 6 else ''}")
+
+
+def _print_pinned(console: Console, outcome, shown: int = 4) -> None:
+    """One line: the groups the search kept whole, and why (the first few)."""
+    ev = getattr(outcome, "evaluator", None)
+    reasons = getattr(getattr(ev, "space", None), "pinned_reasons", None)
+    if not reasons:
+        return
+    items = [f"{name}: {why}" for name, why in list(reasons.items())[:shown]]
+    more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
+    console.print(f"kept whole: {len(reasons)} of {len(ev.space.groups)} groups: {'; '.join(items)}{more}")
 
 
 # -- the study report: PNG plots and one HTML page ------------------------------------------------

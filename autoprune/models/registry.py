@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from autoprune.errors import InputError
@@ -97,7 +98,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
             raise InputError(f"{arg} must be a positive integer, got {value!r}")
     name = name.strip()
     if name.startswith(TORCHVISION_PREFIX):
-        return _build_torchvision(name[len(TORCHVISION_PREFIX) :], in_channels, num_classes)
+        return _build_torchvision(name[len(TORCHVISION_PREFIX) :], in_channels, num_classes, image_size)
     file_part, sep, factory = name.rpartition(":")
     if sep and file_part.endswith(".py"):
         return _build_from_file(Path(file_part), factory, in_channels, num_classes, image_size)
@@ -112,7 +113,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     return entry.build(in_channels, num_classes, image_size)
 
 
-def _build_torchvision(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+def _build_torchvision(arch: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     import torchvision  # imported here: zoo users need not pay its import time
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -121,10 +122,67 @@ def _build_torchvision(arch: str, in_channels: int, num_classes: int) -> nn.Modu
             f"unknown torchvision model {arch!r}{_suggest(arch, available)}; "
             f"torchvision classification models are: {', '.join(available)}"
         )
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    label = f"torchvision:{arch}"
+    kwargs: dict[str, object] = {}
+    if arch.startswith("vit_"):  # the patch grid is built for one image size
+        patch = int(arch.rsplit("_", 1)[1])
+        if image_size % patch:
+            raise InputError(f"{label} cuts images into {patch}x{patch} patches: its image size must be a "
+                             f"multiple of {patch}, not {image_size} (--image-size)")
+        kwargs["image_size"] = image_size
+    elif arch.startswith("maxvit"):  # five halvings, then 7x7 windows and grids
+        if image_size % 224:
+            raise InputError(f"{label} partitions its last 1/32-size feature map into 7x7 windows: its image size "
+                             f"must be a multiple of 224, not {image_size} (--image-size)")
+        kwargs["input_size"] = (image_size, image_size)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
-        _replace_first_conv(model, in_channels, f"torchvision:{arch}")
+        _replace_first_conv(model, in_channels, label)
+    check_input_size(model, label, in_channels, image_size)
     return model
+
+
+def check_input_size(model: nn.Module, label: str, in_channels: int, image_size: int) -> None:
+    """Refuse an image size ``model`` cannot run on, in evaluation or in training (auxiliary classifiers
+    run only then), naming the smallest size it runs on: one forward pass of zeros in each mode, on a
+    batch of two (batch norm needs two values per channel to train); batch-norm statistics and the random
+    state are left as they were."""
+    def runs(side: int) -> str:
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        modes = {m: m.training for m in model.modules()}
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                model.eval()
+                model(torch.zeros(1, in_channels, side, side))
+                model.train()
+                model(torch.zeros(2, in_channels, side, side))
+            return ""
+        except Exception as e:  # noqa: BLE001 - the failure is reported in words
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        finally:
+            for m, training in modes.items():
+                m.training = training
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    problem = runs(image_size)
+    if not problem:
+        return
+    if len(problem) > 160:
+        problem = problem[:157] + "..."
+    lo, hi = image_size, None
+    for side in (16, 32, 64, 128, 256, 299, 512):
+        if side > lo and not runs(side):
+            hi = side
+            break
+    if hi is None:
+        raise InputError(f"{label} does not run on {image_size}x{image_size} images ({problem})")
+    while hi - lo > 1:  # the smallest side that runs, sizes being monotone for these networks
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if not runs(mid) else (mid, hi)
+    raise InputError(f"{label} does not run on {image_size}x{image_size} images ({problem}); it needs at least "
+                     f"{hi}x{hi}: give --image-size {hi} or more with an imagefolder dataset")
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int, label: str) -> None:

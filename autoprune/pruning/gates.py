@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autoprune.budget import bisect
+from autoprune.errors import InputError
 from autoprune.space import Space
 
 
@@ -36,6 +37,11 @@ def gate_targets(space: Space, model: nn.Module | None = None) -> dict[str, list
     modules = dict(model.named_modules())
     out: dict[str, list[str]] = {}
     for g in space.prunable:
+        if space.heads(g.name) is not None:
+            raise InputError(
+                f"group {g.name!r} is the heads of an attention module, which channel gates cannot gate; keep it "
+                f"whole with --ignore {g.name!r}, or use another agent"
+            )
         members = set(g.members)
         layers = [n for n in g.members if isinstance(space.modules[n], (nn.modules.conv._ConvNd, nn.Linear))]
         depthwise = [n for n in layers if _is_depthwise(space.modules[n])]
@@ -74,7 +80,10 @@ class ChannelGates(nn.Module):
         self._handles = []
         for gate, name in zip(self.gates, self.names):
             for target in targets[name]:
-                self._handles.append(modules[target].register_forward_hook(_multiply(gate)))
+                index = space.unit_index(name, target)  # a grouped convolution's channels share their group's gate
+                if index is not None:
+                    index = index.to(gate.device)
+                self._handles.append(modules[target].register_forward_hook(_multiply(gate, index)))
 
     def vector(self) -> torch.Tensor:
         """Every gate of the network, groups in order, as one vector."""
@@ -100,10 +109,11 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _multiply(gate: nn.Parameter) -> Callable:
+def _multiply(gate: nn.Parameter, index: torch.Tensor | None = None) -> Callable:
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (output.dim() - 2)
-        return output * gate.to(output.dtype).view(shape)
+        g = gate if index is None else gate[index]
+        return output * g.to(output.dtype).view(shape)
 
     return hook
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from autoprune.cost import forward_once
+from autoprune.cost import attention_modules, forward_once
 from autoprune.errors import InputError, ParameterError
 from autoprune.policy import Policy, nm_pattern, parse_granularity, snap_ratio
 from autoprune.space import Space
@@ -100,7 +100,9 @@ class MaskPruner:
             )
             dim = 0 if transposed else 1
             self.layers.append(MaskedLayer(name, m.weight.numel(), pos, groups, dim, m.weight.shape[dim]))
-        self.base_flops = sum(layer.positions * layer.weights for layer in self.layers)
+        # what masks cannot thin (attention modules' own projections and products) counts whole
+        self._unmasked_flops = space.base_flops - sum(layer.positions * layer.weights for layer in self.layers)
+        self.base_flops = space.base_flops
         self.base_params = space.base_params
         self._orders: dict[tuple[str, str], torch.Tensor] = {}
         self._nm: dict[tuple[str, str, int, int], torch.Tensor] = {}
@@ -146,7 +148,7 @@ class MaskPruner:
     def cost(self, ratios: Mapping[str, float], granularity: str) -> dict[str, float]:
         """Effective FLOPs and params of ``ratios`` (only the weights the masks keep), and the dense
         ones (the unpruned model's), predicted exactly."""
-        flops, params = 0, self.base_params
+        flops, params = self._unmasked_flops, self.base_params
         layer_ratio = self.layer_ratios(ratios, granularity)
         for layer in self.layers:
             kept = self.kept(layer, layer_ratio[layer.name], granularity)
@@ -242,8 +244,9 @@ def _positions(model: nn.Module, x: Any) -> dict[str, int]:
     they first run: a layer's MACs are these positions times its weight count."""
     out: dict[str, int] = {}
     hooks = {}
+    inside = attention_modules(model)  # an attention module's FLOPs are its own (see autoprune.cost)
     for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in inside:
             channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
             def hook(mod, inp, y, name=name, channels=channels):
