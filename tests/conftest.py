@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from autoprune.data import load_dataset
 from autoprune.models import build_model
@@ -7,6 +8,11 @@ from autoprune.pretrain import train_model
 from autoprune.task import ImageClassificationTask
 
 torch.set_num_threads(2)
+
+# Property tests judge behaviour, never speed: no per-example deadline (Hypothesis's 200 ms default fails
+# them at random on a loaded machine), and no health check that times the data generation either.
+settings.register_profile("autoprune", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("autoprune")
 
 
 @pytest.fixture(autouse=True, scope="session")
