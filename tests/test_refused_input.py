@@ -13,6 +13,12 @@ from autoprune.models import build_model
 MODEL = ["--pretrain-steps", "40", "--device", "cpu", "--bn-batches", "2"]
 
 
+@pytest.fixture(autouse=True)
+def _elsewhere(tmp_path, monkeypatch):
+    """Whatever a command writes by default (autoprune.db, best.json) lands in the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def refused(capsys, *argv):
     """Run ``autoprune argv`` and return its one line of stderr, having checked exit code 2."""
     code = main(list(argv))
@@ -86,7 +92,7 @@ def test_checkpoints_of_another_architecture_or_not_a_state_dict_are_refused(cap
 def test_refusals_that_need_the_model(capsys, tmp_path):
     """Rows judged once the model is built: an absolute budget above it, a budget nothing meets, an
     --ignore pattern matching none of its modules."""
-    storage = ["--storage", f"sqlite:///{tmp_path}/a.db"]
+    storage = ["--storage", f"sqlite:///{tmp_path}/a.db", "-o", str(tmp_path / "best.json")]
     assert refused(capsys, "search", "--budget-flops", "10G", *MODEL, *storage) == (
         "--budget-flops 10G: the unpruned model needs only 2.533M, so the budget is above 100 %")
     assert refused(capsys, "search", "--budget-flops", "1%", *MODEL, *storage).startswith(
@@ -97,7 +103,7 @@ def test_refusals_that_need_the_model(capsys, tmp_path):
 
 def test_a_study_is_resumed_only_with_its_own_options_objectives_and_latency_batch(capsys, tmp_path,
                                                                                  deterministic_latency):
-    storage = ["--storage", f"sqlite:///{tmp_path}/a.db"]
+    storage = ["--storage", f"sqlite:///{tmp_path}/a.db", "-o", str(tmp_path / "best.json")]
     search = ["search", "--agent", "random", "--trials", "1", "--budget-flops", "50%", *MODEL, *storage]
     assert main([*search, "--study", "r", "--random-spread", "0.5"]) == 0
     capsys.readouterr()
@@ -126,7 +132,8 @@ def test_export_report_and_worker_of_a_study_that_is_not_there_list_the_studies(
 
 def test_a_worker_for_an_agent_that_cannot_share_its_study_is_refused(capsys, tmp_path):
     storage = f"sqlite:///{tmp_path}/a.db"
-    assert main(["search", "--agent", "uniform", "--budget-flops", "50%", *MODEL, "--storage", storage]) == 0
+    assert main(["search", "--agent", "uniform", "--budget-flops", "50%", *MODEL, "--storage", storage,
+                 "-o", str(tmp_path / "best.json")]) == 0
     capsys.readouterr()
     assert refused(capsys, "worker", "--study", "resnet20-digits-uniform-flops50", "--storage", storage) == (
         "agent 'uniform' runs in one process and cannot share its study with workers; agents that can: icepick, "
