@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -143,6 +144,31 @@ def test_three_workers_share_one_sqlite_study(tmp_path):
     storage = f"sqlite:///{tmp_path}/w.db"
     _seed_study(storage)
     _three_workers(storage, 7)
+
+
+def test_icepick_workers_share_one_study_across_processes(tmp_path):
+    """Two `autoprune worker` processes join an ICE-Pick search: their TPE samplers read the runs recorded
+    in the shared study (the paper's values, run by the search, are not run again by either), and the
+    study's trial count is shared between them."""
+    from autoprune.agents.icepick import PAPER_DEFAULTS
+
+    storage = f"sqlite:///{tmp_path}/w.db"
+    options = {"max_steps": 2, "probe_steps": 0, "startup": 1}
+    _search(storage, "icepick", trials=1, agent_options=options)
+    procs = [cli("worker", "--study", STUDY, "--storage", storage, "--trials", "3", "--device", "cpu")
+             for _ in range(2)]
+    added = 0
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err
+        added += int(re.search(r"worker added (\d+) trial", out).group(1))
+    trials = load_study(STUDY, storage).get_trials(deepcopy=False)
+    assert len(trials) == 1 + added and 3 <= len(trials) <= 4  # one extra at most: the other worker's
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    paper = dict(PAPER_DEFAULTS, finetune_steps=2)
+    assert [t.params == pytest.approx(paper) for t in trials].count(True) == 1 and trials[0].params == pytest.approx(
+        paper)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # no run twice
 
 
 def _pg_binary(name):
