@@ -47,7 +47,7 @@ def trained_resnet20(digits, digits_task):
 @pytest.fixture
 def deterministic_latency(monkeypatch):
     """Latency as a fixed function of a model's work (1 ns per MAC), so that tests of latency budgets
-    check behaviour, never the timings of a shared machine. The timer itself is tested elsewhere."""
+    check behaviour, never the timings of a shared machine. The timer itself is tested in test_latency.py."""
     from autoprune.cost import count_flops
 
     def latency(model, example_input, warmup=5, repeats=20, batch_size=1):
