@@ -35,6 +35,8 @@ class ParameterError(InputError):
     def for_cli(self) -> str:
         value = self.value if isinstance(self.value, (int, float, str)) and not isinstance(self.value, bool) \
             else repr(self.value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # a flag's number as it was typed (`--max-ratio 1`), not as argparse made it (1.0)
         return f"{self.flag} {value}: {self.allowed}"
 
 

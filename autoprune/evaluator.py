@@ -55,6 +55,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def fails_candidate(device: torch.device) -> Iterator[None]:
+    """Within the block, running out of memory fails the candidate (:class:`CandidateError`, a failed
+    trial with its reason) rather than the search: the next candidate may be smaller. Every path that
+    builds or trains a candidate runs in one: the evaluator's, and the agents that build their own
+    models (ICE-Pick's iterative pruning, the gates' learning and training from scratch)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise CandidateError(f"out of memory: {str(e).splitlines()[0]}") from None
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """What one evaluated candidate measured: ``score`` is the task's objective (named ``metric``) on
@@ -283,13 +297,9 @@ class Evaluator:
         if key in self._cache:
             return self._cache[key]
         t0 = time.perf_counter()
-        try:
+        with fails_candidate(self.device):
             model = self.build(policy, finetune_steps)
             result = self.measure(model, split, finetune_steps, t0)
-        except torch.OutOfMemoryError as e:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise CandidateError(f"out of memory: {str(e).splitlines()[0]}") from None
         self._cache[key] = result
         self.evaluations += 1
         return result

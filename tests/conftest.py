@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from autoprune.data import load_dataset
 from autoprune.models import build_model
@@ -7,6 +8,11 @@ from autoprune.pretrain import train_model
 from autoprune.task import ImageClassificationTask
 
 torch.set_num_threads(2)
+
+# Property tests judge behaviour, never speed: no per-example deadline (Hypothesis's 200 ms default fails
+# them at random on a loaded machine), and no health check that times the data generation either.
+settings.register_profile("autoprune", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("autoprune")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -41,7 +47,7 @@ def trained_resnet20(digits, digits_task):
 @pytest.fixture
 def deterministic_latency(monkeypatch):
     """Latency as a fixed function of a model's work (1 ns per MAC), so that tests of latency budgets
-    check behaviour, never the timings of a shared machine. The timer itself is tested elsewhere."""
+    check behaviour, never the timings of a shared machine. The timer itself is tested in test_latency.py."""
     from autoprune.cost import count_flops
 
     def latency(model, example_input, warmup=5, repeats=20, batch_size=1):

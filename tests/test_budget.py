@@ -1,5 +1,5 @@
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoprune.budget import all_hold, parse_budget
@@ -70,3 +70,8 @@ def test_any_text_either_parses_or_gives_the_clean_error(text):
         assert "\n" not in str(e)
     else:
         assert (b.fraction is not None and 0 < b.fraction <= 1) or b.absolute > 0
+
+
+def test_property_tests_run_without_a_deadline():
+    """The profile of tests/conftest.py: a loaded machine must not fail a property test by its speed."""
+    assert settings().deadline is None

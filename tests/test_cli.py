@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,17 @@ def test_second_search_with_the_same_name_resumes(searched, capsys):
                        "-o", str(d / "best2.json"))
     assert code == 0
     assert "0 new trial(s)" in out
+
+
+def test_report_command_writes_the_plots_and_the_page(searched, capsys, tmp_path):
+    _, storage = searched
+    code, out, err = run(capsys, "report", "--study", "resnet20-digits-random-flops50", "--storage", storage,
+                         "-o", str(tmp_path / "report"))
+    assert code == 0, err
+    written = [line[len("wrote "):] for line in out.splitlines() if line.startswith("wrote ")]
+    assert {"accuracy_vs_flops.png", "ratios.png", "index.html"} <= {Path(w).name for w in written}
+    assert all(Path(w).parent == tmp_path / "report" and Path(w).stat().st_size > 1000 for w in written)
+    assert "resnet20-digits-random-flops50" in (tmp_path / "report" / "index.html").read_text()
 
 
 def test_listings(capsys):

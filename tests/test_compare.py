@@ -4,11 +4,13 @@ import csv
 
 import optuna
 import pytest
+import torch
 
 from autoprune.cli import main
 from autoprune.compare import COLUMNS, Row, headers, markdown, parse_agents, run_compare, write_tables
 from autoprune.config import SearchConfig
 from autoprune.errors import InputError, ParameterError
+from autoprune.policy import Policy
 from autoprune.runner import Setup
 
 
@@ -17,12 +19,16 @@ def config_for(storage, **changes):
                         bn_batches=2).replace(**changes)
 
 
+SEARCH_STEPS, FINAL_STEPS = 1, 20
+
+
 @pytest.fixture(scope="module")
 def compared(trained_resnet20, digits_task, tmp_path_factory):
     d = tmp_path_factory.mktemp("compare")
     storage = f"sqlite:///{d}/c.db"
     setup = Setup(trained_resnet20, digits_task, {"name": "resnet20", "dataset": "digits"})
-    rows = run_compare(setup, config_for(storage), ["uniform", "random"], final_steps=5, log=lambda m: None)
+    rows = run_compare(setup, config_for(storage, finetune_steps=SEARCH_STEPS), ["uniform", "random"],
+                       final_steps=FINAL_STEPS, log=lambda m: None)
     return d, storage, setup, rows
 
 
@@ -39,22 +45,41 @@ def test_each_agent_gets_a_row_with_its_searchs_figures(compared):
     assert rows[0].evaluations == 1 and rows[1].evaluations == 3  # uniform needs one, random uses them all
 
 
-def test_the_final_figures_do_not_depend_on_the_searchs_fine_tune(compared, trained_resnet20, digits_task):
-    """Same final fine-tune for every agent: a policy's row equals building it again with the same steps."""
-    from autoprune.evaluator import Evaluator
-    from autoprune.study import best_policy
+def hand_accuracy(model, task, split):
+    """Top-1 accuracy on a whole split, counted here."""
+    images, labels = next(iter(task.data.loader(split, 100_000, "cpu")))
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).sum()) / len(labels)
+
+
+def test_the_final_figures_are_a_fresh_fine_tune_of_the_best_policy_not_the_searchs(compared, digits_task):
+    """Every agent's best policy gets the same final fine-tune (FINAL_STEPS steps), whatever its search
+    fine-tuned (SEARCH_STEPS): the row equals that policy pruned, recalibrated and fine-tuned by hand and
+    scored by hand, and differs from what the search recorded."""
+    from autoprune.pruning import ChannelPruner
+    from autoprune.space import Space
+    from autoprune.training import recalibrate_bn, train_steps
 
     d, storage, setup, rows = compared
-    st = optuna.load_study(study_name=rows[0].study, storage=storage)
-    ev = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0)
-    model = ev.build(best_policy(st), 5)
-    assert ev.measure(model, "test", 5).score == rows[0].test_score
-    assert ev.measure(model, "val", 5).score == rows[0].val_score
+    task = digits_task
+    for row in rows:
+        policy = row.policy
+        assert policy.search["finetune_steps"] == SEARCH_STEPS
+        assert policy.metrics["final"]["finetune_steps"] == FINAL_STEPS
+        model = ChannelPruner(Space.from_model(setup.model, task.example_inputs)).prune(policy)
+        recalibrate_bn(model, task, task.train_batches(0, augment=False), 2)
+        train_steps(model, task, task.train_batches(0, augment=True), FINAL_STEPS, 0.01)
+        model.eval()
+        assert row.test_score == hand_accuracy(model, task, "test")
+        assert row.val_score == hand_accuracy(model, task, "val")
+        assert policy.metrics["final"]["val_accuracy"] == row.val_score
+        assert row.val_score != policy.metrics["accuracy"]  # the search's figure, after SEARCH_STEPS steps
 
 
 def test_a_second_comparison_resumes_the_studies(compared):
     d, storage, setup, rows = compared
-    again = run_compare(setup, config_for(storage), ["uniform", "random"], final_steps=5, log=lambda m: None)
+    again = run_compare(setup, config_for(storage, finetune_steps=SEARCH_STEPS), ["uniform", "random"],
+                        final_steps=FINAL_STEPS, log=lambda m: None)
     assert [r.evaluations for r in again] == [r.evaluations for r in rows]
     assert [r.test_score for r in again] == [r.test_score for r in rows]
 
@@ -124,3 +149,44 @@ def test_a_study_resumes_only_with_the_options_it_was_searched_with(compared):
     assert e.value.for_cli().startswith("--random-spread 0.123: study")
     with pytest.raises(InputError, match="searched by agent 'random'"):
         search(agent="uniform")
+
+
+def test_every_agent_runs_through_compare_with_its_options(tmp_path, capsys):
+    """amc, netadapt, icepick (two objectives), gates and sensitivity side by side from the command line,
+    each with options of its own that reach its search."""
+    storage = f"sqlite:///{tmp_path}/c.db"
+    code = main([
+        "compare", "--agents", "amc,netadapt,icepick,gates,sensitivity", "--budget-flops", "85%", "--trials", "5",
+        "--final-steps", "3", "--pretrain-steps", "40", "--device", "cpu", "--bn-batches", "1",
+        "--ignore", "layer1.*", "--ignore", "layer2.*", "--storage", storage, "--study-prefix", "c",
+        "-o", str(tmp_path / "out"),
+        "--amc-warmup", "1", "--netadapt-initial", "0.2", "--netadapt-long-steps", "0", "--icepick-max-steps", "2",
+        "--icepick-probe-steps", "0", "--icepick-startup", "1", "--gates-steps", "4", "--gates-snapshot-every", "2",
+        "--sensitivity-ratios", "0.5",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    with (tmp_path / "out" / "compare.csv").open() as f:
+        table = {row["agent"]: row for row in csv.DictReader(f)}
+    assert list(table) == ["amc", "netadapt", "icepick", "gates", "sensitivity"]
+    for agent, row in table.items():
+        assert row["feasible"] == "True" and float(row["flops_ratio"]) <= 0.85, agent
+        assert 0 <= float(row["test_accuracy"]) <= 1 and float(row["latency_ms"]) > 0, agent
+        assert f"| {agent} |" in out
+
+    def study(agent):
+        return optuna.load_study(study_name=f"c-{agent}", storage=storage)
+
+    # the options reached the searches: recorded with each study, and visible in what each did
+    assert study("amc").user_attrs["config"]["agent_options"]["warmup"] == 1
+    assert study("netadapt").user_attrs["netadapt_iterations"][0]["target"] == pytest.approx(0.15)  # not 0.025
+    assert all(t.params["finetune_steps"] <= 2 for t in study("icepick").trials)
+    assert [t.user_attrs["gates_steps"] for t in study("gates").trials] == [4]
+    scan = optuna.load_study(study_name=study("sensitivity").user_attrs["sensitivity_scan"], storage=storage)
+    assert {t.params["ratio"] for t in scan.trials} == {0.5} and len(scan.trials) == 4
+    # ICE-Pick's study has two objectives (accuracy up, pruning time down); its row is its best accuracy
+    ice = study("icepick")
+    assert len(ice.directions) == 2 and int(table["icepick"]["evaluations"]) == len(ice.trials) == 5
+    assert int(table["sensitivity"]["evaluations"]) == 4 + 1  # the probes of its scan, then its policy
+    best = max(t.values[0] for t in ice.trials if t.values)
+    assert Policy.load(tmp_path / "out" / "icepick.json").metrics["accuracy"] == best

@@ -153,7 +153,8 @@ def test_policy_keep_that_disagrees_with_its_ratio_is_refused(evaluator):
 def test_gates_agent_records_one_feasible_trial_per_run_and_a_scratch_trial_and_resumes(evaluator, tmp_path):
     b = parse_budget("flops", "50%")
     ctx = context(evaluator, tmp_path, [b])
-    agent = get_agent("gates")(steps=10, snapshot_every=5, sparsity_tol=1.0, train_from_scratch=5, keep="gates",
+    # a high gate LR, so that a few steps reach the target sparsity (the default tolerance, 0.05)
+    agent = get_agent("gates")(steps=15, snapshot_every=5, lr=0.1, train_from_scratch=5, keep="gates",
                                **{"lambda": "0.5,2"})
     result = agent.search(ctx)
     trials = completed(ctx.study)
@@ -161,6 +162,10 @@ def test_gates_agent_records_one_feasible_trial_per_run_and_a_scratch_trial_and_
     scratch = [t for t in trials if t.user_attrs["gates_role"] == "scratch"]
     assert len(runs) == 2 and len(scratch) == 1
     assert sorted(t.params["lambda"] for t in runs) == [0.5, 2.0]
+    # the regulariser drove the mean gate to r: every run's snapshot reached it (from 1 at the start)
+    for t in runs:
+        assert t.user_attrs["gates_reached_r"] is True
+        assert t.user_attrs["gates_mean"] <= 0.2 + 0.05 and t.user_attrs["gates_sparsity_tol"] == 0.05
     assert all(t.params["r"] == 0.2 for t in trials)
     limit = b.limit(evaluator.space.base_flops)
     for t in trials:

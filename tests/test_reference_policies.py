@@ -1,15 +1,18 @@
 """policies/: reference policies from the project's own searches (written by an earlier version: the
 objective under "accuracy", budgets as display strings beside "budget_args"). Each one loads, its model
-and data read back as ``apply`` reads them, and re-applied through the library's own rebuild gives
-exactly the FLOPs and params it recorded (channel counts do not depend on the weights, so the model is
-built untrained; the criterion still picks channels, statistics included); its recorded search
-configuration reads back and its budgets hold for what it recorded."""
+and data read back as ``apply`` reads them, and re-applied through the library's own rebuild gives a
+model whose FLOPs and params, *measured again* (by autoprune's counter and by torch-pruning's), are the
+ones it recorded, whose layers have the widths its ratios say, and which meets its budget (channel counts
+do not depend on the weights, so the model is built untrained; the criterion still picks channels,
+statistics included); its recorded search configuration reads back."""
 
-import json
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import torch_pruning as tp
+from torch import nn
 
 from autoprune.config import SearchConfig, SourceConfig
 from autoprune.cost import count_flops, count_params
@@ -17,6 +20,7 @@ from autoprune.data import load_dataset
 from autoprune.models import build_model
 from autoprune.policy import Policy
 from autoprune.runner import rebuild
+from autoprune.space import keep_count
 from autoprune.task import ImageClassificationTask
 
 POLICIES = sorted((Path(__file__).resolve().parent.parent / "policies").glob("*.json"))
@@ -29,7 +33,6 @@ def test_there_are_reference_policies():
 
 @pytest.mark.parametrize("path", POLICIES, ids=IDS)
 def test_reference_policy_reapplies_to_its_recorded_flops(path):
-    raw = json.loads(path.read_text())
     policy = Policy.load(path)
     info, metrics, search = policy.model, policy.metrics, policy.search
     for key in ("name", "dataset"):
@@ -43,8 +46,37 @@ def test_reference_policy_reapplies_to_its_recorded_flops(path):
     torch.manual_seed(0)
     model = build_model(source.model, shape["in_channels"], shape["num_classes"], shape["image_size"])
     pruned, ev, _ = rebuild(model, policy, task, finetune_steps=0, device="cpu")
-    assert count_flops(pruned, ev.example_inputs) == metrics["flops"] == raw["metrics"]["flops"]
-    assert count_params(pruned) == metrics["params"]
+    x = ev.example_inputs
+    # measured again from the models, by two counters, never read from the file
+    base_flops, base_params = count_flops(model, x), count_params(model)
+    flops, params = count_flops(pruned, x), count_params(pruned)
+    assert (flops, params) == torch_pruning_count(pruned, x)
+    assert (base_flops, base_params) == torch_pruning_count(model, x)
+    assert flops == metrics["flops"] and params == metrics["params"]
+    assert (base_flops, base_params) == (metrics["base"]["flops"], metrics["base"]["params"])
+    assert flops / base_flops == pytest.approx(metrics["flops_ratio"], abs=1e-12)
+    assert params / base_params == pytest.approx(metrics["params_ratio"], abs=1e-12)
+    # every group lost the channels its ratio says: its leading layer has that many outputs left
+    layers = dict(pruned.named_modules())
+    for name, ratio in policy.ratios.items():
+        group = ev.space.by_name[name]
+        assert layers[name].out_channels == keep_count(group.channels, ratio), name
+    # and the budget the search ran under holds for the figures measured here
+    for budget in SearchConfig.from_dict(search).budget_list():
+        assert budget.holds({"flops": flops, "params": params}[budget.resource],
+                            {"flops": base_flops, "params": base_params}[budget.resource])
+
+
+def torch_pruning_count(model, x):
+    """MACs of the conv and linear layers and the parameters, by torch-pruning's counter (its bias, batch
+    norm, activation and pooling operations left out: the README's convention counts none of them)."""
+    _, params, _, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.bias = None
+    _, _, flops, _ = tp.utils.count_ops_and_params(plain, x, layer_wise=True)
+    return int(sum(f for m, f in flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and f)), int(params)
 
 
 @pytest.mark.parametrize("path", POLICIES, ids=IDS)

@@ -2,12 +2,16 @@
 budgets, resumed searches and workers reuse; processes share the probes through the scan study's queue,
 with a heartbeat on database storages; one threshold bisected to the budget; the report's plot."""
 
+import copy
+import dataclasses
 import json
+import shutil
 import time
 import warnings
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import autoprune.study
@@ -30,6 +34,7 @@ from autoprune.config import SearchConfig, SourceConfig
 from autoprune.errors import InputError
 from autoprune.evaluator import Evaluator
 from autoprune.study import GRACE_BEATS, completed, load_study, open_storage, open_study
+from autoprune.task import ImageClassificationTask
 
 # four groups (layer3's) and two ratios: eight probes per scan
 IGNORE = ("layer1.*", "layer2.*")
@@ -44,12 +49,12 @@ def fresh_evaluator(trained_resnet20, digits_task):
                              model_info=INFO)
 
 
-def search(evaluator, storage, budget="85%", study=None, timeout=None):
+def search(evaluator, storage, budget="85%", study=None, timeout=None, ratios=RATIOS):
     budgets = Budgets([parse_budget("flops", budget)], evaluator)
     st = open_study(study or f"resnet20-digits-sensitivity-flops{budget.rstrip('%')}", storage)
     ctx = SearchContext(evaluator, budgets, st, "sensitivity", limits=Limits(1, timeout),
                         storage=open_storage(storage))
-    return ctx, get_agent("sensitivity")(ratios=RATIOS).search(ctx)
+    return ctx, get_agent("sensitivity")(ratios=ratios).search(ctx)
 
 
 def probes(storage, evaluator):
@@ -207,6 +212,23 @@ def test_a_search_at_another_budget_runs_no_new_probe(scanned, fresh_evaluator):
     assert ctx.study.user_attrs["sensitivity"]["threshold"] >= first.study.user_attrs["sensitivity"]["threshold"]
 
 
+def test_other_ratios_measure_only_the_pairs_not_yet_recorded(scanned, fresh_evaluator, tmp_path):
+    storage, _, _ = scanned
+    copied = tmp_path / "s.db"  # the module's scan, copied: the other tests keep theirs as it is
+    shutil.copy(storage.removeprefix("sqlite:///"), copied)
+    storage = f"sqlite:///{copied}"
+    ev = fresh_evaluator()
+    mine = counting(ev)
+    ctx, result = search(ev, storage, budget="75%", ratios="0.3,0.45,0.6")
+    assert ev.evaluations == 4 + 1  # each group at 0.45, then the final policy
+    measured = [{g: r for g, r in ratios.items() if r} for ratios in mine[:4]]
+    assert sorted(measured, key=str) == sorted(({g: 0.45} for g in ev.space.names), key=str)
+    _, trials = probes(storage, ev)
+    assert sorted(probe_key(t.params) for t in trials) == sorted(
+        (g, r) for g in ev.space.names for r in (0.3, 0.45, 0.6))
+    assert result.policy is not None
+
+
 def test_scan_identity_changes_with_what_a_probe_depends_on_only(trained_resnet20, digits_task, fresh_evaluator):
     ev = fresh_evaluator()
     name = scan_name(scan_identity(ev, 0))
@@ -214,9 +236,18 @@ def test_scan_identity_changes_with_what_a_probe_depends_on_only(trained_resnet2
     other_ignore = Evaluator(trained_resnet20, digits_task, device="cpu", bn_batches=2, seed=0, model_info=INFO)
     assert scan_name(scan_identity(other_ignore, 0)) == name
     assert scan_name(scan_identity(ev, 5)) != name  # fine-tuned probes
-    for changed in ({"bn_batches": 3}, {"seed": 1}, {"criterion": "l2"}):
+    for changed in ({"bn_batches": 3}, {"seed": 1}, {"criterion": "l2"}, {"granularity": "unstructured"}):
         kw = dict(device="cpu", bn_batches=2, seed=0, ignore=IGNORE, model_info=INFO) | changed
         assert scan_name(scan_identity(Evaluator(trained_resnet20, digits_task, **kw), 0)) != name, changed
+    kw = dict(device="cpu", bn_batches=2, seed=0, ignore=IGNORE, model_info=INFO)
+    # other weights: the same architecture, one weight moved
+    other = copy.deepcopy(trained_resnet20)
+    with torch.no_grad():
+        other.layer3[0].conv1.weight[0, 0, 0, 0] += 1e-3
+    assert scan_name(scan_identity(Evaluator(other, digits_task, **kw), 0)) != name
+    # another dataset of the same shapes
+    renamed = ImageClassificationTask(dataclasses.replace(digits_task.data, name="digits-copy"))
+    assert scan_name(scan_identity(Evaluator(trained_resnet20, renamed, **kw), 0)) != name
 
 
 def test_an_interrupted_scan_resumes_with_the_missing_probes_only(fresh_evaluator, tmp_path):

@@ -122,16 +122,18 @@ def _conv_net():
     )
     with torch.no_grad():
         net[1].weight.zero_()
-        # channel norms of layer 1: L1 sums |w|, L2 is driven by the largest weight
-        net[1].weight[0, 0, 0, 0] = 3.0  # L1 3, L2 3
-        net[1].weight[1, :, 0, 0] = 1.0  # L1 4, L2 2
-        net[1].weight[2, 0, :, :] = 0.1  # L1 0.9, L2 0.3
-        net[1].weight[3, 0, 0, :2] = 1.5  # L1 3, L2 2.12
-        net[2].weight.zero_()
+        # the filters of layer 1, so that L1 (sum |w|) and L2 (driven by the largest weight) rank them
+        # differently, with no ties:           L1     L2
+        net[1].weight[0, 0, 0, 0] = 3.0     # 3.0    3.0
+        net[1].weight[1, :, 0, 0] = 1.0     # 4.0    2.0
+        net[1].weight[2, 0, :, :] = 0.1     # 0.9    0.3
+        net[1].weight[3, 0, 0, :2] = 1.6    # 3.2    2.26
+        net[2].weight.zero_()  # the next layer's inputs add nothing to either norm
     return net.eval()
 
 
-@pytest.mark.parametrize("criterion, kept", [("l1", {1, 0, 3}), ("l2", {0, 3, 1})])
+# L1 ranks 2 < 0 < 3 < 1 and keeps the two largest, {1, 3}; L2 ranks 2 < 1 < 3 < 0 and keeps {0, 3}
+@pytest.mark.parametrize("criterion, kept", [("l1", {1, 3}), ("l2", {0, 3})])
 def test_criteria_remove_the_smallest_channels(criterion, kept):
     net = _conv_net()
     space = Space.from_model(net, torch.zeros(1, 1, 4, 4))
@@ -139,10 +141,7 @@ def test_criteria_remove_the_smallest_channels(criterion, kept):
     assert name in space.names
     policy = Policy({n: 0.0 for n in space.names} | {name: 0.5}, criterion=criterion)
     removed = ChannelPruner(space).removed_channels(policy)[name]
-    assert len(removed) == 2
-    assert 2 in removed  # the weakest channel under both norms
-    # L1 keeps channel 1 (sum 4) over 0 and 3 (sum 3); L2 ranks 0 (3.0) first
-    if criterion == "l1":
-        assert 1 not in removed
-    else:
-        assert 0 not in removed
+    assert set(removed) == {0, 1, 2, 3} - kept
+    # the pruned layer holds exactly the kept filters, in their order
+    pruned = ChannelPruner(space).prune(policy)
+    torch.testing.assert_close(pruned[1].weight, net[1].weight[sorted(kept)])

@@ -38,8 +38,8 @@ from optuna.distributions import FloatDistribution
 from torch import nn
 
 from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
-from autoprune.errors import InputError
-from autoprune.evaluator import Evaluation
+from autoprune.errors import CandidateError, InputError
+from autoprune.evaluator import Evaluation, fails_candidate
 from autoprune.models._init import kaiming_init
 from autoprune.policy import Policy
 from autoprune.pruning.gates import ChannelGates, sparsity_penalty, threshold_structure
@@ -185,7 +185,13 @@ class GatesAgent(Agent):
                 runs.append(done)
                 continue
             t0 = time.perf_counter()
-            gates, snapshot, reached = self.learn(ctx, lam, r, run=i)
+            try:
+                with fails_candidate(ev.device):
+                    gates, snapshot, reached = self.learn(ctx, lam, r, run=i)
+            except CandidateError as e:  # this run fails (a trial saying why); the next may fit
+                ctx.fail(None, f"gates run {i}: {e}", params={"lambda": lam, "r": r},
+                         distributions=_distributions(lam))
+                continue
             ratios, keep = self.structure(ctx, gates)
             if self.keeps_gates():
                 policy = ev.policy(ratios, criterion="gates", keep=keep)
@@ -214,7 +220,7 @@ class GatesAgent(Agent):
         best.info.update({k: v for k, v in info.items() if k != "gates_role"})
         if self.train_from_scratch > 0 and not ctx.should_stop():
             scratch = self.scratch(ctx, policy, info)
-            best.info["scratch_score"] = scratch.score
+            best.info["scratch_score"] = scratch.score if scratch is not None else None
             best = _with_info(ctx.best(), best.info)
         return best
 
@@ -282,7 +288,9 @@ class GatesAgent(Agent):
                     float(scratch["lr"]), amp=evaluator.amp)
         return model.eval()
 
-    def scratch(self, ctx: SearchContext, policy: Policy, info: dict[str, Any]) -> Evaluation:
+    def scratch(self, ctx: SearchContext, policy: Policy, info: dict[str, Any]) -> Evaluation | None:
+        """The chosen structure trained from fresh weights and recorded as a trial (None: it failed, and
+        the failed trial says why)."""
         ev = ctx.evaluator
         for trial in completed(ctx.study):  # a resumed search: trained and recorded already
             a = trial.user_attrs
@@ -294,12 +302,19 @@ class GatesAgent(Agent):
                         model=dict(policy.model), keep=policy.keep,
                         search={**policy.search, "gates_scratch": {"steps": self.train_from_scratch,
                                                                     "lr": SCRATCH_LR, "seed": ctx.seed}})
-        model = self.rebuild(ev, policy, ctx.finetune_steps)
-        result = ev.measure(model, "val", self.train_from_scratch, t0)
+        params = {"lambda": info["gates_lambda"], "r": info["gates_r"]}
+        try:
+            with fails_candidate(ev.device):
+                model = self.rebuild(ev, policy, ctx.finetune_steps)
+                result = ev.measure(model, "val", self.train_from_scratch, t0)
+        except CandidateError as e:
+            ctx.fail(policy, f"gates from scratch: {e}", params=params,
+                     distributions=_distributions(info["gates_lambda"]))
+            return None
         extra = {**info, "gates_role": "scratch", "trained_from_scratch": True,
                  "scratch_steps": self.train_from_scratch, "scratch_lr": SCRATCH_LR}
-        return ctx.record(policy, result, params={"lambda": info["gates_lambda"], "r": info["gates_r"]},
-                          distributions=_distributions(info["gates_lambda"]), extra=extra)
+        return ctx.record(policy, result, params=params, distributions=_distributions(info["gates_lambda"]),
+                          extra=extra)
 
 
 def _distributions(lam: float) -> dict[str, FloatDistribution]:

@@ -27,6 +27,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 
 from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
 from autoprune.errors import CandidateError, ParameterError
+from autoprune.evaluator import fails_candidate
 from autoprune.policy import Policy
 from autoprune.pruning.icepick import SCHEDULES, IcePick
 from autoprune.study import sampling_with
@@ -132,12 +133,13 @@ class IcePickAgent(Agent):
             hyper = {name: _suggest(trial, name, dist) for name, dist in space.items()}
             pruner = self.pruner(hyper, ctx)
             try:
-                run = pruner.run(ctx.evaluator, target)
+                with fails_candidate(ctx.evaluator.device):
+                    run = pruner.run(ctx.evaluator, target)
+                    t0 = time.perf_counter()
+                    result = ctx.evaluator.measure(run.model, "val", run.finetune_steps, t0 - run.seconds)
             except CandidateError as e:
                 ctx.fail(target, f"ICE-Pick: {e}", trial=trial)
                 raise
-            t0 = time.perf_counter()
-            result = ctx.evaluator.measure(run.model, "val", run.finetune_steps, t0 - run.seconds)
             chosen = {**hyper, "delta": pruner.delta, "stages": self.stages, "schedule": self.schedule,
                       "probe_steps": self.probe_steps, "distill": self.distill, "seed": ctx.seed}
             spent = {"pruning_seconds": run.seconds, "finetune_steps_spent": run.finetune_steps,
