@@ -147,7 +147,10 @@ def main() -> None:
                         outcome = run_search(setup.model, setup.task, config, info=setup.info, final=False)
                         st = outcome.study
                         scan = st.user_attrs.get("sensitivity_scan")
-                        evals = _evaluations(st) + (_evaluations(_load(scan, outcome.storage)) if scan else 0)
+                        evals = _evaluations(st)
+                        if scan:  # the probes at this search's ratios (a scan is shared with other budgets)
+                            ratios = set(st.user_attrs.get("sensitivity", {}).get("scan_ratios", []))
+                            evals += _evaluations(_load(scan, outcome.storage), ratios)
                         row.update(evaluations=evals, wall=time.perf_counter() - t0, cpu=time.process_time() - c0,
                                    search_val=outcome.best.score if outcome.best else None)
                         if outcome.policy is None:
@@ -170,10 +173,11 @@ def main() -> None:
         plot(results, model_name, budgets, agents + peers, out / f"{model_name}.png")
 
 
-def _evaluations(study) -> int:
+def _evaluations(study, ratios: set[float] | None = None) -> int:
     from optuna.trial import TrialState
 
-    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.get_trials(deepcopy=False))
+    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) and (ratios is None or t.params.get("ratio") in ratios)
+               for t in study.get_trials(deepcopy=False))
 
 
 def _load(name: str, storage):
