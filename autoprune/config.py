@@ -22,7 +22,9 @@ from typing import Any
 
 from autoprune.errors import InputError, ParameterError
 
-DEFAULT_AGENT = "uniform"
+# the agent ``autoprune search`` runs without --agent: the one that beat uniform on Fashion-MNIST at its
+# default settings (benchmarks/quality.py; the README's "Search quality")
+DEFAULT_AGENT = "sensitivity"
 
 
 def setting(default: Any, help: str, *, metavar: str | None = None, low: float | None = None,
@@ -188,6 +190,13 @@ class SearchConfig(_Config):
             raise ParameterError("agent_options", self.agent_options, "must be a mapping of option names to values")
         # the agent checks its options (and fills in its defaults): the same rules as its flags
         object.__setattr__(self, "agent_options", dict(agent(**self.agent_options).settings()))
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        """A copy with ``changes``, checked again. Another ``agent`` starts from its own default options
+        unless ``agent_options`` are given too (the filled-in options of one agent are not another's)."""
+        if changes.get("agent", self.agent) != self.agent and "agent_options" not in changes:
+            changes["agent_options"] = {}
+        return dataclasses.replace(self, **changes)
 
     @staticmethod
     def _legacy(data: dict[str, Any]) -> dict[str, Any]:

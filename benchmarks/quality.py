@@ -2,11 +2,12 @@
 
 For every model, FLOPs budget and seed, each agent searches with the same number of evaluations
 (``--trials``, each one adaptive BN plus ``--finetune-steps`` SGD steps, scored on the validation
-split), and its best feasible policy is given the same final fine-tune (``--final-steps``) and scored
-on the test split, which no search reads. Two peers outside autoprune's agents get the same final
-fine-tune at the same FLOPs: Torch-Pruning's global magnitude pruning (``MetaPruner`` with
-``global_pruning=True``, its global ratio bisected to the budget) and Torch-Pruning's uniform L1
-pruning (the same, ``global_pruning=False``).
+split; ``sensitivity`` spends its scan instead, groups x ratios probes shared by every budget of a
+seed and counted once), and its best feasible policy is given the same final fine-tune
+(``--final-steps``) and scored on the test split, which no search reads. Two peers outside
+autoprune's agents get the same final fine-tune at the same FLOPs: Torch-Pruning's global magnitude
+pruning (``MetaPruner`` with ``global_pruning=True``, its global ratio bisected to the budget) and
+Torch-Pruning's uniform L1 pruning (the same, ``global_pruning=False``).
 
 Prints, per model, a Markdown table of test accuracy (mean ± std over the seeds) per method and budget,
 the search cost per agent (evaluations, wall and CPU seconds, as ratios to AMC's from this run), and
@@ -25,6 +26,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,12 @@ from autoprune.cost import count_flops
 from autoprune.runner import make_evaluator, prepare, run_search
 
 AGENTS = ("uniform", "random", "amc", "netadapt", "sensitivity", "gates", "icepick")
+# what fits in about an hour on 2 cores (ResNet-20, two budgets, three seeds): left out by default are the
+# 50 % budget, MobileNetV2 (about 1 s per training step on 2 cores, so 300 final steps per policy alone take
+# longer than a whole ResNet-20 row), NetAdapt (one proposal per group and iteration: 20 evaluations are
+# less than two iterations over ResNet-20's 11 groups, so it cannot reach 30 % or 15 %) and ICE-Pick (whose
+# trial is a whole iterative pruning run); give them with --budgets, --models and --agents
+DEFAULT_AGENTS = ("uniform", "sensitivity", "random", "amc", "gates")
 PEERS = ("tp-global", "tp-uniform")
 
 
@@ -79,9 +87,10 @@ def main() -> None:
     ap.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--dataset", default="fashionmnist")
     ap.add_argument("--models", default="resnet20=8000", help="model=pretrain steps, comma separated")
-    ap.add_argument("--budgets", default="50,30,15", help="FLOPs kept, in percent")
-    ap.add_argument("--agents", default=",".join(AGENTS),
-                    help="agents to compare; label:agent:option=value:... runs an agent with options under a label")
+    ap.add_argument("--budgets", default="30,15", help="FLOPs kept, in percent (50,30,15 for all three)")
+    ap.add_argument("--agents", default=",".join(DEFAULT_AGENTS),
+                    help=f"agents to compare, of {','.join(AGENTS)}; label:agent:option=value:... runs an agent "
+                    "with options under a label")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=20, help="evaluations per agent")
@@ -89,6 +98,8 @@ def main() -> None:
     ap.add_argument("--final-steps", type=int, default=300, help="the final fine-tune every best policy gets")
     ap.add_argument("--option", action="append", default=[],
                     help="agent option, agent.name=value (e.g. amc.warmup=5); repeatable")
+    ap.add_argument("--report-only", action="store_true", help="print the table and draw the plot from the "
+                    "results recorded so far, running nothing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--out", default="bench/quality")
     args = ap.parse_args()
@@ -116,6 +127,10 @@ def main() -> None:
 
     for spec in args.models.split(","):
         model_name, steps = spec.split("=")
+        if args.report_only:
+            print(report(results, model_name, budgets, agents + peers, args))
+            plot(results, model_name, budgets, agents + peers, out / f"{model_name}.png", _seeds(args))
+            continue
         setup = prepare(SourceConfig(model=model_name, dataset=args.dataset, data_root=args.data_root or None,
                                      pretrain_steps=int(steps)), device="cpu", log=log)
         base = make_evaluator(setup.model, setup.task, {}, device="cpu", info=setup.info)
@@ -143,15 +158,21 @@ def main() -> None:
                                               finetune_steps=args.finetune_steps, seed=seed, device="cpu",
                                               storage=storage, study=f"{model_name}-flops{budget:g}-s{seed}-{method}",
                                               agent_options=options.get(method, {}))
-                        t0, c0 = time.perf_counter(), time.process_time()
+                        t0, c0, started = time.perf_counter(), time.process_time(), datetime.now()
                         outcome = run_search(setup.model, setup.task, config, info=setup.info, final=False)
                         st = outcome.study
                         scan = st.user_attrs.get("sensitivity_scan")
-                        evals = _evaluations(st)
-                        if scan:  # the probes at this search's ratios (a scan is shared with other budgets)
+                        evals, wall = _evaluations(st), time.perf_counter() - t0
+                        if scan:  # a scan is shared between budgets: its probes count once, where first used
                             ratios = set(st.user_attrs.get("sensitivity", {}).get("scan_ratios", []))
-                            evals += _evaluations(_load(scan, outcome.storage), ratios)
-                        row.update(evaluations=evals, wall=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                            counted = any(r.get("scan") == scan for k, r in results.items() if k != "base")
+                            probes = _probes(_load(scan, outcome.storage), ratios)
+                            evals += sum(t.datetime_start >= started or not counted for t in probes)
+                            # probes measured before this run (an earlier run's) add their recorded time
+                            wall += 0.0 if counted else sum((t.datetime_complete - t.datetime_start).total_seconds()
+                                                            for t in probes if t.datetime_start < started)
+                            row["scan"] = scan
+                        row.update(evaluations=evals, wall=wall, cpu=time.process_time() - c0,
                                    search_val=outcome.best.score if outcome.best else None)
                         if outcome.policy is None:
                             row["feasible"] = False
@@ -170,14 +191,20 @@ def main() -> None:
                     log(f"{key}: test {test.score:.2%} at {row['flops_ratio']:.1%} FLOPs "
                         f"({row['evaluations']} evaluations, {row['wall']:.0f} s)")
         print(report(results, model_name, budgets, agents + peers, args))
-        plot(results, model_name, budgets, agents + peers, out / f"{model_name}.png")
+        plot(results, model_name, budgets, agents + peers, out / f"{model_name}.png", _seeds(args))
 
 
-def _evaluations(study, ratios: set[float] | None = None) -> int:
+def _evaluations(study) -> int:
     from optuna.trial import TrialState
 
-    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) and (ratios is None or t.params.get("ratio") in ratios)
-               for t in study.get_trials(deepcopy=False))
+    return sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.get_trials(deepcopy=False))
+
+
+def _probes(scan, ratios: set[float]) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in scan.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)
+            and t.params.get("ratio") in ratios]
 
 
 def _load(name: str, storage):
@@ -186,13 +213,18 @@ def _load(name: str, storage):
     return load_study(name, storage)
 
 
-def _rows(results: Mapping[str, Any], model: str, budget: float, method: str) -> list[dict[str, Any]]:
+def _rows(results: Mapping[str, Any], model: str, budget: float, method: str,
+          seeds: list[int] | None = None) -> list[dict[str, Any]]:
     return [r for k, r in results.items() if k != "base" and r["model"] == model and r["budget"] == budget
-            and r["method"] == method]
+            and r["method"] == method and (seeds is None or r["seed"] in seeds)]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _seeds(args) -> list[int]:
+    return [int(x) for x in args.seeds.split(",")]
 
 
 def report(results: Mapping[str, Any], model: str, budgets: list[float], methods: list[str], args) -> str:
@@ -207,20 +239,21 @@ def report(results: Mapping[str, Any], model: str, budgets: list[float], methods
     for method in methods:
         cells = []
         for b in budgets:
-            rows = [r for r in _rows(results, model, b, method) if r.get("feasible")]
+            rows = [r for r in _rows(results, model, b, method, _seeds(args)) if r.get("feasible")]
             if not rows:
                 cells.append("—")
                 continue
             m, s = _mean_std([r["test"] for r in rows])
             fl = statistics.mean(r["flops_ratio"] for r in rows)
-            cells.append(f"{m:.2%} ± {s:.2%} ({fl:.1%})" + ("" if len(rows) == len(args.seeds.split(",")) else
-                                                             f" [{len(rows)} feasible]"))
+            seeds = len(args.seeds.split(","))
+            cells.append(f"{m:.2%} ± {s:.2%} ({fl:.1%})" + ("" if len(rows) == seeds else
+                                                             f" [{len(rows)} of {seeds} seeds]"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Search cost per agent, summed over budgets and seeds, as ratios to AMC's:\n",
               "| agent | evaluations | wall s | CPU s | wall / AMC | CPU / AMC |", "|---|---|---|---|---|---|"]
     totals = {}
     for method in methods:
-        rows = [r for b in budgets for r in _rows(results, model, b, method)]
+        rows = [r for b in budgets for r in _rows(results, model, b, method, _seeds(args))]
         if rows:
             totals[method] = (sum(r["evaluations"] for r in rows), sum(r["wall"] for r in rows),
                               sum(r["cpu"] for r in rows))
@@ -231,7 +264,8 @@ def report(results: Mapping[str, Any], model: str, budgets: list[float], methods
     return "\n".join(lines)
 
 
-def plot(results: Mapping[str, Any], model: str, budgets: list[float], methods: list[str], path: Path) -> None:
+def plot(results: Mapping[str, Any], model: str, budgets: list[float], methods: list[str], path: Path,
+         seeds: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +275,7 @@ def plot(results: Mapping[str, Any], model: str, budgets: list[float], methods: 
     for i, method in enumerate(methods):
         xs, ys, es = [], [], []
         for b in budgets:
-            rows = [r for r in _rows(results, model, b, method) if r.get("feasible")]
+            rows = [r for r in _rows(results, model, b, method, seeds) if r.get("feasible")]
             if rows:
                 m, s = _mean_std([r["test"] * 100 for r in rows])
                 xs.append(statistics.mean(r["flops_ratio"] * 100 for r in rows) + (i - len(methods) / 2) * 0.15)

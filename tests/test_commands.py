@@ -112,15 +112,18 @@ def test_defaults_the_sqlite_file_in_the_working_folder_and_20_recalibration_bat
         return real(model, task, counted(), n, amp)
 
     monkeypatch.setattr(autoprune.evaluator, "recalibrate_bn", counting)
-    code, out, err = run("search", "--budget-flops", "50%", "--pretrain-steps", "40", "--device", "cpu")
+    # the default agent (sensitivity) on layer3's four groups: 4 x 4 probes and the final policy
+    code, out, err = run("search", "--budget-flops", "85%", "--pretrain-steps", "40", "--device", "cpu",
+                         "--ignore", "layer1.*", "--ignore", "layer2.*")
     assert code == 0, err
     assert "optuna-dashboard sqlite:///autoprune.db" in out
     # every candidate, and the final model, was recalibrated on 20 training batches
     assert drawn and set(drawn) == {20}
     policy = Policy.load(tmp_path / "best.json")  # -o's default
     assert policy.search["bn_batches"] == 20 and policy.search["storage"] == "sqlite:///autoprune.db"
-    name = "resnet20-digits-uniform-flops50"
-    assert optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/autoprune.db").trials
+    name = "resnet20-digits-sensitivity-flops85"
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/autoprune.db")
+    assert study.user_attrs["config"]["agent"] == "sensitivity" and study.user_attrs["sensitivity_scan"]
     # export and report read the same file when no --storage is given
     code, out, err = run("export", "--study", name, "-o", "again.json")
     assert code == 0 and Policy.load(tmp_path / "again.json").ratios == policy.ratios, err
@@ -153,7 +156,8 @@ def test_no_search_reads_the_test_split_of_a_built_in_dataset(trained_resnet20, 
 
 def test_an_unstructured_search_is_a_study_of_its_own(tmp_path):
     storage = f"sqlite:///{tmp_path}/a.db"
-    args = ["--budget-flops", "70%", "--pretrain-steps", "40", "--device", "cpu", "--bn-batches", "1", "--storage",
+    args = ["--agent", "uniform", "--budget-flops", "70%", "--pretrain-steps", "40", "--device", "cpu", "--bn-batches",
+            "1", "--storage",
             storage, "-o", str(tmp_path / "best.json")]
     assert run("search", *args)[0] == 0
     assert run("search", "--granularity", "unstructured", *args)[0] == 0

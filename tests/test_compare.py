@@ -133,6 +133,15 @@ def test_bad_compare_input_is_one_line(argv, message, capsys, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
 
 
+def test_another_agent_in_a_configuration_starts_from_its_own_options():
+    config = SearchConfig(agent="sensitivity", budgets={"flops": "50%"}, agent_options={"ratios": "0.5"})
+    assert config.agent_options["ratios"] == (0.5,) and config.agent_options["allocation"] == "threshold"
+    other = config.replace(agent="random")
+    assert other.agent_options == {"spread": 1.0}  # random's defaults, not sensitivity's options
+    assert config.replace(agent="random", agent_options={"spread": 0.5}).agent_options == {"spread": 0.5}
+    assert config.replace(trials=3).agent_options == config.agent_options  # the same agent keeps its options
+
+
 def test_a_study_resumes_only_with_the_options_it_was_searched_with(compared):
     from autoprune.runner import run_search
 

@@ -309,7 +309,8 @@ def searched_two_four(tmp_path_factory):
     storage = f"sqlite:///{d}/autoprune.db"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["search", "--granularity", "2:4", "--budget-flops", "70%", "--finetune-steps", "5",
+        code = main(["search", "--agent", "uniform", "--granularity", "2:4", "--budget-flops", "70%",
+                     "--finetune-steps", "5",
                      "--pretrain-steps", "40", "--storage", storage, "-o", str(d / "best.json")])
     assert code == 0
     return d, storage, out.getvalue()
