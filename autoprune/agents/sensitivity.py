@@ -312,10 +312,11 @@ class SensitivityAgent(Agent):
     def resource(ctx: SearchContext) -> Callable[[dict[str, float]], float]:
         """What the ``resource`` allocation saves: the predicted cost under every budget, each as a
         fraction of its limit, summed (FLOPs stand in for latency, which is not predicted)."""
-        ev, budgets = ctx.evaluator, ctx.budgets
-        limits = {("flops" if b.resource == "latency" else b.resource): b.limit(budgets.base[b.resource])
-                  / budgets.base[b.resource] * budgets.base["flops" if b.resource == "latency" else b.resource]
-                  for b in budgets}
+        ev, base = ctx.evaluator, ctx.budgets.base
+        limits = {}  # predicted resource -> its limit, in its own units
+        for b in ctx.budgets:
+            predicted = "flops" if b.resource == "latency" else b.resource
+            limits[predicted] = b.limit(base[b.resource]) / base[b.resource] * base[predicted]
 
         def cost(ratios: dict[str, float]) -> float:
             predicted = ev.cost(ratios, latency=False)
