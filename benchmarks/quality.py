@@ -100,6 +100,8 @@ def main() -> None:
                     help="agent option, agent.name=value (e.g. amc.warmup=5); repeatable")
     ap.add_argument("--report-only", action="store_true", help="print the table and draw the plot from the "
                     "results recorded so far, running nothing")
+    ap.add_argument("--policies", default=None, metavar="DIR",
+                    help="write each agent's best policy, with its final test score, to DIR (default <out>/policies)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--out", default="bench/quality")
     args = ap.parse_args()
@@ -130,6 +132,7 @@ def main() -> None:
         if args.report_only:
             print(report(results, model_name, budgets, agents + peers, args))
             plot(results, model_name, budgets, agents + peers, out / f"{model_name}.png", _seeds(args))
+            write_policies(results, storage, Path(args.policies or out / "policies"), args.dataset, args.final_steps)
             continue
         setup = prepare(SourceConfig(model=model_name, dataset=args.dataset, data_root=args.data_root or None,
                                      pretrain_steps=int(steps)), device="cpu", log=log)
@@ -153,10 +156,11 @@ def main() -> None:
                                           max_ratio=0.9)
                         row.update(evaluations=0, wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
                     else:
+                        row["study"] = study_name(model_name, budget, seed, method)
                         config = SearchConfig(agent=agent_of[method], budgets={"flops": f"{budget:g}%"},
                                               trials=args.trials,
                                               finetune_steps=args.finetune_steps, seed=seed, device="cpu",
-                                              storage=storage, study=f"{model_name}-flops{budget:g}-s{seed}-{method}",
+                                              storage=storage, study=row["study"],
                                               agent_options=options.get(method, {}))
                         t0, c0, started = time.perf_counter(), time.process_time(), datetime.now()
                         outcome = run_search(setup.model, setup.task, config, info=setup.info, final=False)
@@ -184,7 +188,8 @@ def main() -> None:
                         row["ratios"] = outcome.policy.ratios
                     final = judge.finish(model, args.final_steps)
                     test = judge.measure(final, "test", args.final_steps)
-                    row.update(feasible=True, test=test.score, flops_ratio=test.flops / judge.space.base_flops,
+                    row.update(feasible=True, test=test.score, final_steps=args.final_steps,
+                               flops_ratio=test.flops / judge.space.base_flops,
                                params_ratio=test.params / judge.space.base_params)
                     results[key] = row
                     results_path.write_text(json.dumps(results, indent=1))
@@ -192,6 +197,31 @@ def main() -> None:
                         f"({row['evaluations']} evaluations, {row['wall']:.0f} s)")
         print(report(results, model_name, budgets, agents + peers, args))
         plot(results, model_name, budgets, agents + peers, out / f"{model_name}.png", _seeds(args))
+        write_policies(results, storage, Path(args.policies or out / "policies"), args.dataset, args.final_steps)
+
+
+def study_name(model: str, budget: float, seed: int, method: str) -> str:
+    return f"{model}-flops{budget:g}-s{seed}-{method}"
+
+
+def write_policies(results: Mapping[str, Any], storage: str, folder: Path, dataset: str, final_steps: int) -> None:
+    """Each agent's best policy from its study, with the final fine-tune's test score this benchmark measured
+    in ``metrics["final"]``, as ``<model>-<dataset>-flops<budget>-s<seed>-<method>.json`` in ``folder``."""
+    from autoprune.study import best_policy
+
+    for key, row in results.items():
+        if key == "base" or row["method"] in PEERS or not row.get("feasible"):
+            continue
+        name = row.get("study") or study_name(row["model"], row["budget"], row["seed"], row["method"])
+        policy = best_policy(_load(name, storage))
+        if policy.ratios != row["ratios"]:  # the study holds what the row was measured on, or the row is stale
+            raise SystemExit(f"{key}: the best policy of study {name} is not the one scored in results.json")
+        policy.metrics["final"] = {
+            "finetune_steps": int(row.get("final_steps", final_steps)), "split": "test",
+            "test_accuracy": row["test"], "test_score": row["test"], "evaluations": row["evaluations"],
+            "search_seconds": row["wall"], "measured_by": "benchmarks/quality.py",
+        }
+        policy.save(folder / f"{row['model']}-{dataset}-flops{row['budget']:g}-s{row['seed']}-{row['method']}.json")
 
 
 def _evaluations(study) -> int:
