@@ -215,3 +215,46 @@ def test_search_records_one_feasible_trial_per_episode(evaluator, tmp_path):
         assert t.user_attrs["flops"] <= budget.limit(evaluator.space.base_flops)
     assert result.policy is not None
     assert result.evaluation.score == max(t.value for t in trials)
+
+
+def test_relative_actions_read_against_the_uniform_ratio_the_budget_needs(spaces):
+    ev = spaces["resnet20"]
+    budget = Budget("flops", fraction=0.3)
+    env = AMCEnv(ev, [budget], reward_fn=lambda policy: 0.0, action="relative")
+    uniform = Budgets([budget], ev, env.max_ratio).fit()  # the tightest uniform ratio, shifted to the budget
+    u = next(iter(uniform.values()))
+    env.reset()
+    # 0.5 asks for the uniform ratio of the groups still to decide; 1 keeps the group whole, 0 removes the most
+    assert env.requested_ratio(0, [], 0.5) == pytest.approx(u, abs=1e-3)
+    assert env.requested_ratio(0, [], 1.0) == 0.0
+    assert env.requested_ratio(0, [], 0.0) == pytest.approx(env.max_ratio)
+    assert env.requested_ratio(0, [], 0.75) == pytest.approx(u / 2, abs=1e-3)
+    # after a group kept whole, the rest must remove more than u to meet the budget
+    assert env.requested_ratio(1, [0.0], 0.5) > u + 0.01
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(np.array([0.5], dtype=np.float32))
+    ratios = info["ratios"]
+    assert all(abs(r - u) < 0.05 for r in ratios.values()), ratios  # whole channels round each group
+    assert budget.holds(ev.cost(ratios)["flops"], ev.space.base_flops)
+
+
+def test_random_relative_actions_spread_a_tight_budget_where_preserve_ratios_pile_it_at_the_end(spaces):
+    """At 15 % FLOPs, preserve ratios drawn at random leave the last groups on the floor; relative ones
+    centre every group on the uniform ratio."""
+    ev = spaces["resnet20"]
+    budget = Budget("flops", fraction=0.15)
+    last_at_floor = {}
+    for action in ("preserve", "relative"):
+        env = AMCEnv(ev, [budget], reward_fn=lambda policy: 0.0, action=action)
+        policies = [random_episode(env, seed)[1][-1]["ratios"] for seed in range(12)]
+        for ratios in policies:
+            assert budget.holds(ev.cost(ratios)["flops"], ev.space.base_flops)
+        last_at_floor[action] = sum(p[env.names[-1]] >= env.max_ratio - 1e-6 for p in policies)
+    assert last_at_floor["preserve"] >= 10
+    assert last_at_floor["relative"] <= 6
+
+
+def test_unknown_action_is_refused_in_the_agents_words(spaces):
+    with pytest.raises(ParameterError, match="action.*'keep'.*preserve, relative"):
+        AMCEnv(spaces["resnet20"], {"flops": "50%"}, reward_fn=lambda policy: 0.0, action="keep")

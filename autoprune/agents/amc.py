@@ -36,7 +36,7 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.utils import update_learning_rate
 
 from autoprune.agents.base import Agent, Option, SearchContext, SearchResult, register
-from autoprune.envs import REWARDS, AMCEnv
+from autoprune.envs import ACTIONS, REWARDS, AMCEnv
 
 
 class BaselineReplayBuffer(ReplayBuffer):
@@ -102,6 +102,9 @@ class AMCAgent(Agent):
         "sigma_decay": Option(float, 0.95, "exploration std multiplier per episode after the warm-up", low=0.0,
                               high=1.0, low_open=True),
         "reward": Option(str, "error_log_flops", "episode reward: -Error*log(FLOPs) or -Error", choices=REWARDS),
+        "action": Option(str, "preserve", "an action is the group's keep ratio (preserve, the paper) or is read "
+                         "against the uniform ratio the budget needs from that group on (relative: 0.5 asks "
+                         "for it)", choices=ACTIONS),
         "keep_floor": Option(float, 0.2, "smallest fraction of a group's channels kept", low=0.0, high=1.0,
                              high_open=True),
         "actor_lr": Option(float, 1e-4, "actor learning rate", low=0.0, low_open=True),
@@ -120,7 +123,7 @@ class AMCAgent(Agent):
 
     # -- the search ---------------------------------------------------------------------------
     def search(self, ctx: SearchContext) -> SearchResult:
-        env = AMCEnv.from_context(ctx, keep_floor=self.keep_floor, reward=self.reward)
+        env = AMCEnv.from_context(ctx, keep_floor=self.keep_floor, reward=self.reward, action=self.action)
         if env.relaxed_floor:
             ctx.reporter.message(f"keep floor {self.keep_floor:g} cannot meet the budget; "
                                  f"lowered to {env.keep_floor:.2f}")

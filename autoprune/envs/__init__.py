@@ -11,11 +11,11 @@
 
 import gymnasium as gym
 
-from autoprune.envs.amc import FEATURES, REWARDS, AMCEnv, amc_reward
+from autoprune.envs.amc import ACTIONS, FEATURES, REWARDS, AMCEnv, amc_reward
 
 AMC_ENV_ID = "autoprune/AMC-v0"
 
 if AMC_ENV_ID not in gym.registry:
     gym.register(id=AMC_ENV_ID, entry_point="autoprune.envs.amc:AMCEnv")
 
-__all__ = ["AMC_ENV_ID", "FEATURES", "REWARDS", "AMCEnv", "amc_reward"]
+__all__ = ["ACTIONS", "AMC_ENV_ID", "FEATURES", "REWARDS", "AMCEnv", "amc_reward"]

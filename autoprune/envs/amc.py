@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from autoprune.agents.base import SearchContext
 
 REWARDS = ("error_log_flops", "error")
+ACTIONS = ("preserve", "relative")
 
 FEATURES = (
     "index",
@@ -87,6 +88,13 @@ class AMCEnv(gym.Env):
     keep_floor: the smallest keep ratio of a group (AMC: 0.2). When the budgets cannot be met at
         the floor, the floor falls to ``1 - max_ratio`` (``relaxed_floor`` says so).
     reward: ``"error_log_flops"`` (``-Error * log(FLOPs)``, default) or ``"error"`` (``-Error``).
+    action: how an action becomes a ratio. ``"preserve"`` (the paper): the action is the group's keep
+        ratio. ``"relative"``: the action is read against ``u``, the one removal ratio that, given to
+        this group and every group after it, meets the budgets exactly: 0.5 removes ``u``, 1 removes
+        nothing, 0 removes ``max_ratio``, linearly in between on each side. Either is then clipped to
+        the budgets' wall. Under a tight budget, preserve ratios drawn at random leave most of the
+        cut to the groups walked last, which the wall then sends to the floor whatever the agent
+        asks; relative actions drawn at random centre every group on the uniform policy instead.
     finetune_steps: fine-tune steps before scoring a policy (0: adaptive BN only, as in AMC).
     reward_fn: replaces the evaluation: maps the episode's policy to its reward (synthetic tasks,
         tests); nothing is evaluated or recorded then.
@@ -107,6 +115,7 @@ class AMCEnv(gym.Env):
         max_ratio: float = 0.9,
         keep_floor: float = 0.2,
         reward: str = "error_log_flops",
+        action: str = "preserve",
         finetune_steps: int = 0,
         reward_fn: Callable[[Policy], float] | None = None,
         context: SearchContext | None = None,
@@ -114,6 +123,9 @@ class AMCEnv(gym.Env):
         super().__init__()
         if reward not in REWARDS:
             raise ParameterError("reward", reward, f"choose from {', '.join(REWARDS)}", agent="amc")
+        if action not in ACTIONS:
+            raise ParameterError("action", action, f"choose from {', '.join(ACTIONS)}", agent="amc")
+        self.action_kind = action
         if not 0.0 <= keep_floor < 1.0:
             raise ParameterError("keep_floor", keep_floor, "must lie in [0, 1)", agent="amc")
         self.evaluator = evaluator
@@ -193,6 +205,28 @@ class AMCEnv(gym.Env):
         hi = bisect(lambda k: fits(k / channels), lo, most)
         return self.max_ratio if hi >= most else hi / channels
 
+    def uniform_rest(self, t: int, removed: list[float]) -> float:
+        """``u``: the least removal ratio that, given to group ``t`` and every group after it (the
+        groups before it keeping ``removed``), meets the budgets; ``max_ratio`` when none does."""
+
+        def fits(r: float) -> bool:
+            return self.budgets.fits({**dict(zip(self.names, removed)), **dict.fromkeys(self.names[t:], r)})
+
+        if fits(0.0):
+            return 0.0
+        if not fits(self.max_ratio):
+            return self.max_ratio
+        return bisect(fits, 0.0, self.max_ratio, tol=1e-4)
+
+    def requested_ratio(self, t: int, removed: list[float], action: float) -> float:
+        """The removal ratio an action in [0, 1] asks of group ``t``, before the wall (see ``action``)."""
+        if self.action_kind == "preserve":
+            return 1.0 - action
+        u = self.uniform_rest(t, removed)
+        if action >= 0.5:
+            return u * (2.0 - 2.0 * action)
+        return u + (self.max_ratio - u) * (1.0 - 2.0 * action)
+
     # -- embedding ----------------------------------------------------------------------------
     def _static_embedding(self) -> np.ndarray:
         rows = [
@@ -224,7 +258,7 @@ class AMCEnv(gym.Env):
             raise RuntimeError("the episode is over: call reset()")
         requested = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
         t = self._t
-        ratio = self.clip(t, self._removed, 1.0 - requested)
+        ratio = self.clip(t, self._removed, self.requested_ratio(t, self._removed, requested))
         self._removed.append(ratio)
         self._t += 1
         info: dict[str, Any] = {
