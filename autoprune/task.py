@@ -110,6 +110,13 @@ class Task(abc.ABC):
         """Whether :meth:`score` can read ``split``."""
         return split == "val"
 
+    @property
+    def chance(self) -> float | None:
+        """The objective on validation of a model that has learnt nothing (a classifier always answering
+        the most frequent class), where the task knows it; None otherwise. A search whose candidates all
+        score near it cannot tell them apart, and says so."""
+        return None
+
     # -- what the task is ----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What the scores depend on besides the model (a JSON-able dict): a saved sensitivity scan is
@@ -260,6 +267,11 @@ class ImageClassificationTask(Task):
 
     def has_split(self, split: str) -> bool:
         return split in ("val", "test")
+
+    @property
+    def chance(self) -> float:
+        labels = self.data.val.y
+        return float(torch.bincount(labels).max()) / len(labels)
 
     def identity(self) -> dict[str, Any]:
         return {"task": "classification", "dataset": self.data.name, "batch_size": self.batch_size,

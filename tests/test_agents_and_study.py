@@ -122,3 +122,46 @@ def test_an_agent_refuses_a_study_with_another_number_of_objectives(tmp_path):
     config = SearchConfig(agent="random", budgets={"flops": "50%"}, storage=storage, study="two", device="cpu")
     with pytest.raises(InputError, match="study 'two' has 2 objective.*agent 'random' records 1"):
         run_search(setup.model, setup.task, config, info=setup.info, final=False)
+
+
+class Messages:
+    def __init__(self):
+        self.lines = []
+
+    def start(self, total, done):
+        pass
+
+    def advance(self, status):
+        pass
+
+    def stop(self):
+        pass
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("blind", [True, False], ids=["at-chance", "trained"])
+def test_a_search_whose_candidates_all_score_at_chance_says_so_once(trained_resnet20, digits_task, tmp_path, blind):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(trained_resnet20)
+    if blind:  # a classifier that always answers class 0 scores the share of class 0, at most chance
+        torch.nn.init.zeros_(model.fc.weight)
+        torch.nn.init.zeros_(model.fc.bias)
+    chance = digits_task.chance
+    labels = digits_task.data.val.y
+    assert chance == pytest.approx(max((labels == c).double().mean().item() for c in labels.unique()))
+    ev = Evaluator(model, digits_task, device="cpu", bn_batches=2, seed=0)
+    ctx = context(ev, tmp_path, "random", [parse_budget("flops", "50%")], trials=7)
+    ctx.reporter = Messages()
+    get_agent("random")().search(ctx)
+    said = [m for m in ctx.reporter.lines if "chance" in m]
+    if blind:
+        assert said == [f"the first 5 candidates all score within 5% of chance ({digits_task.format(chance)}) after "
+                        "adaptive BN and 0 fine-tune steps, so the search cannot tell them apart; give more "
+                        "--finetune-steps (README: Search quality)"]
+    else:
+        assert said == []

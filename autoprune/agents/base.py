@@ -133,6 +133,12 @@ class Option:
         return converted
 
 
+# a search's first candidates all this close to the task's chance level are noise to rank (Fashion-MNIST at 15 %
+# FLOPs: every candidate of 20 scored 11-13 % on validation after adaptive BN alone, against 10 % chance)
+CHANCE_EVALUATIONS = 5
+CHANCE_MARGIN = 0.05
+
+
 class Reporter:
     """Progress callbacks; the command line shows a progress bar, tests use this silent one."""
 
@@ -199,6 +205,8 @@ class SearchContext:
         self.seed = seed
         self.finetune_steps = finetune_steps
         self.reporter = reporter or Reporter()
+        self._chance_scores: list[float] = []
+        self._chance_said = False
         self.storage = storage if storage is not None else open_storage(None)
 
     @property
@@ -284,8 +292,27 @@ class SearchContext:
         else:
             self.recorder.add(policy, result, params=params, distributions=distributions, extra=extra)
         feasible = self.recorder.feasible(result)
+        self._check_chance(result)
         self.reporter.advance(f"last {self.task.format(result.score)}{'' if feasible else ' (infeasible)'}"
                               + self._best_status())
+
+    def _check_chance(self, result: Evaluation) -> None:
+        """Say once when the first :data:`CHANCE_EVALUATIONS` candidates of this run all score within
+        :data:`CHANCE_MARGIN` of the task's chance level: their ranking is then noise, and fine-tune steps
+        per candidate are what separates them."""
+        chance = self.task.chance if self.task.direction == "maximize" else None
+        if chance is None or self._chance_said:
+            return
+        self._chance_scores.append(result.score)
+        if len(self._chance_scores) < CHANCE_EVALUATIONS:
+            return
+        self._chance_said = True
+        if max(self._chance_scores) <= chance + CHANCE_MARGIN:
+            steps = self.finetune_steps
+            self.reporter.message(
+                f"the first {len(self._chance_scores)} candidates all score within {CHANCE_MARGIN:.0%} of chance "
+                f"({self.task.format(chance)}) after adaptive BN and {steps} fine-tune step{'s' * (steps != 1)}, "
+                "so the search cannot tell them apart; give more --finetune-steps (README: Search quality)")
 
     def _best_status(self) -> str:
         best = self.recorder.best_score
