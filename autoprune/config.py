@@ -145,6 +145,10 @@ class SearchConfig(_Config):
                               "(0: off)", metavar="N", low=0, kind=int)
     finetune_lr: float = setting(0.01, "peak learning rate of the fine-tune (SGD, cosine)", metavar="LR", low=0,
                                  low_open=True, kind=float)
+    finetune_l1: float = setting(0.0, "weight λ of a sparsity penalty on conv and linear weights in every fine-tune "
+                                 "(the evaluator's, ICE-Pick's); 0: off", metavar="LAMBDA", low=0, kind=float)
+    finetune_penalty: str = setting("l1", "the penalty --finetune-l1 weighs: l1 (Σ|w|) or group (group lasso: Σ of "
+                                    "the L2 norms of output channels)", choices=("l1", "group"), kind=str)
     latency_batch: int = setting(1, "samples per timed forward pass for latency (1: one input's latency)",
                                  metavar="N", low=1, kind=int)
     amp: str = setting("auto", "bf16 autocast on CUDA: auto (where timing shows it pays), on or off",
