@@ -131,8 +131,8 @@ class SearchConfig(_Config):
     seed: int = setting(0, "seeds the training batches, the random criterion and the agent", metavar="N", kind=int)
     criterion: str = setting("l1", "which channels a ratio removes (see `autoprune criteria`); unstructured and "
                              "N:M take l1, l2 (both |w| per weight) or random", metavar="NAME", kind=str)
-    criterion_batches: int = setting(8, "training batches that taylor, hessian, apoz and entropy read", metavar="N",
-                                     low=1, kind=int)
+    criterion_batches: int = setting(8, "training batches that the data criteria read (taylor, apoz, lda, ...)",
+                                     metavar="N", low=1, kind=int)
     granularity: str = setting("channel", "channel (channels removed), unstructured (weight masks) or N:M such as "
                                "2:4 (N of every M weights along the input dimension)", metavar="G", kind=str)
     ignore: tuple[str, ...] = setting((), "module names (glob) whose groups stay whole; repeatable",

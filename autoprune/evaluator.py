@@ -115,7 +115,7 @@ class Evaluator:
     granularity: default granularity of the policies it makes: ``channel``, ``unstructured`` or
         ``N:M`` such as ``2:4`` (see :mod:`autoprune.pruning.masks`).
     criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
-        (taylor, hessian, apoz, entropy) gather their statistics on, once per base model.
+        (``DATA_CRITERIA``: taylor, apoz, lda, ...) gather their statistics on, once per base model.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
     bn_batches: training batches for adaptive BN recalibration (0 turns it off).
     finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
