@@ -225,3 +225,17 @@ def test_a_penalised_search_fine_tunes_with_it_records_it_and_apply_reproduces_i
     assert {(p, lam) for _, p, lam in fine_tunes} == {(penalty, 0.001)}
     assert (result.score, result.flops) == (policy.metrics["score"], policy.metrics["flops"])
     assert result.metrics["loss"] == pytest.approx(policy.metrics["loss"], rel=1e-9)
+
+
+def test_a_penalised_sensitivity_scan_is_kept_apart_from_an_unpenalised_one():
+    from autoprune.agents.sensitivity import scan_identity, scan_name
+    from autoprune.evaluator import Evaluator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
+    task = sparse_problem()
+    plain = scan_identity(Evaluator(model, task, device="cpu"), probe_steps=2)
+    penalised = scan_identity(Evaluator(model, task, device="cpu", finetune_l1=0.01), probe_steps=2)
+    assert "finetune_l1" not in plain  # the scans of searches without the penalty keep their names
+    assert (penalised["finetune_l1"], penalised["finetune_penalty"]) == (0.01, "l1")
+    assert scan_name(plain) != scan_name(penalised)
