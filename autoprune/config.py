@@ -131,8 +131,8 @@ class SearchConfig(_Config):
     seed: int = setting(0, "seeds the training batches, the random criterion and the agent", metavar="N", kind=int)
     criterion: str = setting("l1", "which channels a ratio removes (see `autoprune criteria`); unstructured and "
                              "N:M take l1, l2 (both |w| per weight) or random", metavar="NAME", kind=str)
-    criterion_batches: int = setting(8, "training batches that taylor, hessian, apoz and entropy read", metavar="N",
-                                     low=1, kind=int)
+    criterion_batches: int = setting(8, "training batches that the data criteria read (taylor, apoz, lda, ...)",
+                                     metavar="N", low=1, kind=int)
     granularity: str = setting("channel", "channel (channels removed), unstructured (weight masks) or N:M such as "
                                "2:4 (N of every M weights along the input dimension)", metavar="G", kind=str)
     ignore: tuple[str, ...] = setting((), "module names (glob) whose groups stay whole; repeatable",
@@ -145,6 +145,10 @@ class SearchConfig(_Config):
                               "(0: off)", metavar="N", low=0, kind=int)
     finetune_lr: float = setting(0.01, "peak learning rate of the fine-tune (SGD, cosine)", metavar="LR", low=0,
                                  low_open=True, kind=float)
+    finetune_l1: float = setting(0.0, "weight λ of a sparsity penalty on conv and linear weights in every fine-tune "
+                                 "(the evaluator's, ICE-Pick's); 0: off", metavar="LAMBDA", low=0, kind=float)
+    finetune_penalty: str = setting("l1", "the penalty --finetune-l1 weighs: l1 (Σ|w|) or group (group lasso: Σ of "
+                                    "the L2 norms of output channels)", choices=("l1", "group"), kind=str)
     latency_batch: int = setting(1, "samples per timed forward pass for latency (1: one input's latency)",
                                  metavar="N", low=1, kind=int)
     amp: str = setting("auto", "bf16 autocast on CUDA: auto (where timing shows it pays), on or off",

@@ -39,7 +39,7 @@ from autoprune.pruning import ChannelPruner, MaskPruner
 from autoprune.pruning.masks import check_criterion, is_masked
 from autoprune.space import Space
 from autoprune.task import Task, check_task, scores_of
-from autoprune.training import autocast, recalibrate_bn, train_steps
+from autoprune.training import PENALTIES, autocast, recalibrate_bn, train_steps
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -115,10 +115,13 @@ class Evaluator:
     granularity: default granularity of the policies it makes: ``channel``, ``unstructured`` or
         ``N:M`` such as ``2:4`` (see :mod:`autoprune.pruning.masks`).
     criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
-        (taylor, hessian, apoz, entropy) gather their statistics on, once per base model.
+        (``DATA_CRITERIA``: taylor, apoz, lda, ...) gather their statistics on, once per base model.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
     bn_batches: training batches for adaptive BN recalibration (0 turns it off).
     finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
+    finetune_l1, finetune_penalty: weight λ (0 turns it off) and kind (``l1`` or ``group``: group
+        lasso over output channels) of the sparsity penalty on conv and linear weights in every
+        fine-tune (:func:`~autoprune.training.penalty_gradient`); ICE-Pick's fine-tunes take it too.
     distill: weight of the distillation loss from the unpruned model (0 turns it off).
     latency: measure latency of every evaluated candidate (needed for latency budgets).
     latency_batch: samples per timed forward pass. 1 is deployment latency of one input; a larger
@@ -145,6 +148,8 @@ class Evaluator:
         ignore: Iterable[str] = (),
         bn_batches: int = 20,
         finetune_lr: float = 0.01,
+        finetune_l1: float = 0.0,
+        finetune_penalty: str = "l1",
         distill: float = 0.0,
         temperature: float = 4.0,
         latency: bool = False,
@@ -164,6 +169,12 @@ class Evaluator:
         self.criterion_batches = criterion_batches
         self.bn_batches = bn_batches
         self.finetune_lr = finetune_lr
+        if not (isinstance(finetune_l1, (int, float)) and math.isfinite(finetune_l1) and finetune_l1 >= 0):
+            raise ParameterError("finetune_l1", finetune_l1, "must be a number >= 0")
+        if finetune_penalty not in PENALTIES:
+            raise ParameterError("finetune_penalty", finetune_penalty, f"choose from {', '.join(PENALTIES)}")
+        self.finetune_l1 = float(finetune_l1)
+        self.finetune_penalty = finetune_penalty
         self.distill = distill
         self.temperature = temperature
         self.latency = latency
@@ -288,7 +299,7 @@ class Evaluator:
             teacher = self.model if self.distill > 0 else None
             train_steps(model, self.task, self.task.train_batches(self.seed, augment=True), finetune_steps,
                         self.finetune_lr, teacher=teacher, distill=self.distill, temperature=self.temperature,
-                        amp=self.amp)
+                        amp=self.amp, penalty=self.finetune_penalty, penalty_weight=self.finetune_l1)
         return model.eval()
 
     def evaluate(self, policy: Policy, finetune_steps: int = 0, split: str = "val") -> Evaluation:

@@ -119,7 +119,7 @@ def model_info(model: nn.Module, task: Task, info: Mapping[str, Any] | None = No
 
 # the settings of a search the evaluator takes (as SearchConfig names them), recorded with every policy
 EVALUATOR_SETTINGS = ("criterion", "granularity", "criterion_batches", "ignore", "bn_batches", "finetune_lr",
-                      "distill", "latency_batch", "seed")
+                      "distill", "latency_batch", "seed", "finetune_l1", "finetune_penalty")
 
 
 def make_evaluator(model: nn.Module, task: Task, settings: Mapping[str, Any], *, device: str = "auto",

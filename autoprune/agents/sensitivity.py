@@ -198,6 +198,8 @@ def scan_identity(evaluator: Evaluator, probe_steps: int) -> dict[str, Any]:
     }
     if probe_steps > 0:
         identity.update(finetune_lr=ev.finetune_lr, distill=ev.distill, temperature=ev.temperature)
+        if ev.finetune_l1 > 0:  # only then, so that the scans of unpenalised searches keep their names
+            identity.update(finetune_l1=ev.finetune_l1, finetune_penalty=ev.finetune_penalty)
     return identity
 
 

@@ -44,7 +44,7 @@ class ChannelPruner:
     """Applies channel policies to copies of ``space.model``.
 
     ``calibration`` (a callable returning the same device batches each call) is what the data-reading
-    criteria (taylor, hessian, apoz, entropy) read, run and scored through ``task`` (its forward and
+    criteria (``DATA_CRITERIA``: taylor, apoz, lda, ...) read, run and scored through ``task`` (its forward and
     loss; default ``model(batch[0])`` and cross-entropy); without it they raise :class:`InputError`.
     ``seed`` seeds the ``random`` criterion. Attention heads are ranked by the magnitude of their
     projection weights (``l2`` for ``--criterion l2``, else ``l1``), or randomly for ``random``.

@@ -12,10 +12,13 @@ channels in each layer it reads and averages over those layers, indexed by the g
   producers' filters, the batch-norm scales and the consumers' input slices (torch-pruning's group
   importance; ``lamp`` leaves the batch norms out);
 - ``bn-scale``: the batch norms; ``fpgm``: the producers' filters;
-- ``apoz``, ``entropy``: the activation each producer emits (see :meth:`Statistics.activations`).
+- ``apoz``, ``entropy``: the activation each producer emits (see :meth:`Statistics.activations`);
+- ``lda``: the per-sample spatial maximum of that activation, against the batches' class labels;
+- ``correlation``: the layers that read the channels (the consumers), their inputs against their
+  outputs (see :meth:`Statistics.connections`).
 
-``taylor``, ``hessian``, ``apoz`` and ``entropy`` read data: a :class:`Statistics` gathers gradients
-or activations on calibration batches (the evaluator gives seeded training batches), once per base
+The criteria in :data:`DATA_CRITERIA` read data: a :class:`Statistics` gathers gradients or
+activations on calibration batches (the evaluator gives seeded training batches), once per base
 model, without modifying it. Without calibration batches these criteria raise :class:`InputError`.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,6 +73,9 @@ class Statistics:
         self.task = task  # how a batch is run and its loss taken; None: model(batch[0]) and cross-entropy
         self._gradients: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._activations: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._maxima: dict[nn.Module, torch.Tensor] = {}
+        self._labels: torch.Tensor | str = ""  # the batches' class labels, or why they have none
+        self._connections: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _forward(self, model: nn.Module, batch) -> object:
         return self.task.forward(model, batch) if self.task is not None else model(batch[0])
@@ -135,6 +142,9 @@ class Statistics:
         applied after a residual add, so hooking them would not map to one producer. For ReLU6 the
         zeros are the same; a layer with no activation after it (a linear bottleneck) is read
         through ``relu`` too. Pooling is the global average over the spatial positions.
+
+        The same pass keeps each source's per-sample spatial maxima (:meth:`fire_scores`) and the
+        batches' class labels (:meth:`labels`).
         """
         if self._activations is None:
             batches = self._batches(criterion)
@@ -150,6 +160,8 @@ class Statistics:
             zeros: dict[nn.Module, torch.Tensor] = {}
             seen: dict[nn.Module, int] = {}
             pooled: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in sources}
+            peaks: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in sources}
+            labels: list[torch.Tensor | str] = []
 
             def hook(module, _inputs, output):
                 a = torch.relu(output.detach().float())
@@ -160,8 +172,78 @@ class Statistics:
                 zeros[module] = zeros[module] + z if module in zeros else z
                 seen[module] = seen.get(module, 0) + a.numel() // a.shape[1]
                 pooled[module].append(a.flatten(2).mean(2) if a.dim() > 2 else a)
+                peaks[module].append(a.flatten(2).amax(2) if a.dim() > 2 else a)
 
             handles = [m.register_forward_hook(hook) for m in sources]
+            modes = {m: m.training for m in model.modules()}
+            model.eval()
+            try:
+                n = 0
+                with torch.no_grad():
+                    for batch in batches:
+                        self._forward(model, batch)
+                        labels.append(class_labels(batch))
+                        n += 1
+            finally:
+                for h in handles:
+                    h.remove()
+                for m, training in modes.items():
+                    m.training = training
+            if n == 0:
+                raise InputError(f"criterion {criterion!r}: the calibration gave no batches")
+            self._activations = {
+                m: (zeros[m] / seen[m], torch.cat(pooled[m])) for m in sources if m in zeros
+            }
+            self._maxima = {m: torch.cat(peaks[m]) for m in sources if m in zeros}
+            problem = next((y for y in labels if isinstance(y, str)), None)
+            self._labels = problem if problem is not None else torch.cat(labels)
+        return self._activations
+
+    def fire_scores(self, criterion: str) -> dict[nn.Module, torch.Tensor]:
+        """Per activation source (as :meth:`activations` reads them): the fire score of every channel
+        for every calibration sample, shape (samples, channels): the maximum of the channel's
+        activation over its spatial positions (Tian et al., CVPR Workshops 2017), its value itself
+        for a linear layer's feature."""
+        self.activations(criterion)
+        return self._maxima
+
+    def labels(self, criterion: str) -> torch.Tensor:
+        """The class label of every calibration sample, in the order :meth:`fire_scores` holds them:
+        the second element of each batch (``batch[1]``), which must hold one integer class per sample.
+        A task whose batches do not is refused (:class:`InputError`)."""
+        self.activations(criterion)
+        if isinstance(self._labels, str):
+            raise InputError(f"criterion {criterion!r} needs class labels, one integer class per sample as the "
+                             f"second element of each training batch (batch[1]); {self._labels}")
+        return self._labels
+
+    def connections(self, criterion: str) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """Per conv and linear layer of the base model: ``(pooled input, pooled output)`` over the
+        calibration batches, shapes (samples, input channels) and (samples, output channels): what the
+        layer reads (its first input) and what it computes (before any batch norm or activation),
+        each channel globally averaged over its spatial positions (a linear layer's features over its
+        tokens, when it has any). A layer run more than once per batch contributes a row per call.
+        Read in eval mode without autograd, through hooks removed afterwards."""
+        if self._connections is None:
+            batches = self._batches(criterion)
+            model = self.space.model
+            layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
+            reads: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in layers}
+            writes: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in layers}
+
+            def pool(module, t):
+                t = t.detach().float()
+                if isinstance(module, nn.Linear):
+                    return t.flatten(1, -2).mean(1) if t.dim() > 2 else t
+                return t.flatten(2).mean(2)
+
+            def hook(module, inputs, output):
+                x = inputs[0] if inputs else None
+                if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 2:
+                    reads[module].append(pool(module, x))
+                    writes[module].append(pool(module, output))
+
+            handles = [m.register_forward_hook(hook) for m in layers]
             modes = {m: m.training for m in model.modules()}
             model.eval()
             try:
@@ -177,10 +259,21 @@ class Statistics:
                     m.training = training
             if n == 0:
                 raise InputError(f"criterion {criterion!r}: the calibration gave no batches")
-            self._activations = {
-                m: (zeros[m] / seen[m], torch.cat(pooled[m])) for m in sources if m in zeros
-            }
-        return self._activations
+            self._connections = {m: (torch.cat(reads[m]), torch.cat(writes[m])) for m in layers if reads[m]}
+        return self._connections
+
+
+def class_labels(batch) -> torch.Tensor | str:
+    """``batch[1]`` as one integer class per sample (on the CPU), or a phrase saying why it is not."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return f"this task's batches are {type(batch).__name__}s without a second element"
+    y = batch[1]
+    if not isinstance(y, torch.Tensor):
+        return f"this task's batch[1] is a {type(y).__name__}, not a tensor"
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex:
+        dtype = str(y.dtype).removeprefix("torch.")
+        return f"this task's batch[1] is a {dtype} tensor of shape {tuple(y.shape)}"
+    return y.detach().long().cpu()
 
 
 # -- how a group maps onto its layers ---------------------------------------------------------
@@ -382,6 +475,128 @@ def _entropy(stats: Statistics) -> Criterion:
     return _activation_score(stats, "entropy", lambda zero, pooled: pooled_entropy(pooled))
 
 
+def fisher_ratio(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fisher's discriminant ratio of each column of ``values`` (samples, channels) for the classes
+    ``labels`` (samples,): the between-class over the within-class variance,
+
+        ``J = Σ_k n_k (μ_k − μ)² / Σ_k Σ_{i ∈ k} (x_i − μ_k)²``
+
+    with ``n_k`` and ``μ_k`` the size and mean of class ``k`` and ``μ`` the mean of all samples (both
+    variances are over all ``n`` samples, so the ``1/n`` cancels). A column constant over every
+    sample scores 0; one constant within each class but not across them (the classes perfectly
+    separated) scores ``inf``. Computed in float64."""
+    x = values.double()
+    classes, inverse = torch.unique(labels.to(x.device), return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(classes)).double()
+    means = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    means /= counts[:, None]
+    between = (counts[:, None] * (means - x.mean(0)).square()).sum(0)
+    within = (x - means[inverse]).square().sum(0)
+    total = between + within
+    # rounding leaves a within-class sum a hair above 0 when every class is constant: take it as 0
+    separated = within <= 1e-12 * total
+    ratio = torch.where(separated, torch.full_like(total, math.inf), between / within.clamp_min(1e-300))
+    return torch.where(total > 0, ratio, torch.zeros_like(total)).float()
+
+
+def _lda(stats: Statistics) -> Criterion:
+    """Class discriminability of the filter's fire scores (Tian, Arbel, Clark, "Deep LDA-Pruned Nets
+    for Efficient Facial Gender Classification", CVPR Workshops 2017): a filter *fires* on an image
+    with the maximum of its post-BN/ReLU activation over the image (:meth:`Statistics.fire_scores`),
+    and filters whose fire scores separate the classes least go first. The paper ranks filters by
+    their weight in a Fisher LDA of the fire vectors; this scores each filter on its own, by Fisher's
+    ratio of between- to within-class variance of its fire scores (:func:`fisher_ratio`), the LDA of
+    one feature, with the calibration batches' labels (``batch[1]``; a task without class labels is
+    refused). Averaged over the group's activation sources, as ``apoz`` is."""
+
+    def score(group):
+        fires, labels = stats.fire_scores("lda"), stats.labels("lda")
+        if labels.unique().numel() < 2:
+            raise InputError(f"criterion 'lda' needs samples of at least two classes; the calibration batches "
+                             f"hold only class {int(labels[0])} (give more --criterion-batches)")
+        used = [m for m in members(group) if m.kind in ("out", "norm") and m.module in fires]
+        matched = [m for m in used if len(fires[m.module]) == len(labels)]
+        if used and not matched:
+            name = stats.name_of(used[0].module) or type(used[0].module).__name__
+            raise InputError(f"criterion 'lda': layer {name} gave {len(fires[used[0].module])} fire scores for "
+                             f"{len(labels)} labelled samples (it runs more than once per batch)")
+        parts = [(m, fisher_ratio(fires[m.module], labels)[m.idxs]) for m in matched]
+        return layer_mean(parts, len(group[0].idxs))
+
+    return score
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """Columns of ``x`` centred and divided by their (population) standard deviation; a constant
+    column (up to rounding) becomes zeros."""
+    x = x.double()
+    centred = x - x.mean(0)
+    std = centred.square().mean(0).sqrt()
+    scale = x.abs().amax(0)
+    return torch.where(std > 1e-9 * scale, centred / std.clamp_min(1e-300), torch.zeros_like(centred))
+
+
+def connection_correlation(inputs: torch.Tensor, outputs: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Per input channel of a layer: the mean, over the output channels it connects to, of the
+    absolute Pearson correlation over samples between the input channel and the output channel,
+
+        ``c_i = mean_{j connected to i} |ρ(x_i, y_j)|``,  ``ρ(x, y) = cov(x, y) / (σ_x σ_y)``,
+
+    ``inputs`` (samples, in channels) and ``outputs`` (samples, out channels). With ``groups`` > 1
+    (a grouped or depthwise convolution) input ``i`` connects only to the outputs of its group. A
+    constant channel correlates with nothing (ρ = 0)."""
+    n = inputs.shape[0]
+    r = (_standardise(inputs).T @ _standardise(outputs) / n).abs()
+    if groups > 1:
+        block_in, block_out = inputs.shape[1] // groups, outputs.shape[1] // groups
+        g_in = torch.arange(inputs.shape[1], device=r.device) // block_in
+        g_out = torch.arange(outputs.shape[1], device=r.device) // block_out
+        return (r * (g_in[:, None] == g_out[None, :])).sum(1).float() / block_out
+    return r.mean(1).float()
+
+
+def _correlation(stats: Statistics) -> Criterion:
+    """Correlation with the next layer (after Sun, Wang, Tang, "Sparsifying Neural Network Connections
+    for Face Recognition", CVPR 2016, which drops the connections between neurons of consecutive
+    layers whose activations correlate weakly). A channel's connections run to the output channels
+    of every conv or linear layer that reads it (a consumer); each consumer scores the channel by
+    :func:`connection_correlation` of its pooled input and pooled output
+    (:meth:`Statistics.connections`): the mean ``|ρ|`` over the outputs the channel feeds, ``ρ`` the
+    Pearson correlation over the calibration samples of the channel's globally average-pooled value
+    as the consumer reads it and the output channel's pooled value before its batch norm and
+    activation (a batch norm in eval mode is affine per channel, so ``|ρ|`` is the same after it; the
+    classifier's outputs are the logits). Where a consumer reads a channel at several positions (a
+    linear layer after a flatten) those are averaged; the group's score averages its consumers,
+    unweighted. Weakly correlated channels go first. A group with no conv or linear consumer (its
+    channels feed only the model's output or other operations) falls back to ``l1``."""
+    fallback = _magnitude(1)
+
+    def score(group):
+        conns = stats.connections("correlation")
+        channels = len(group[0].idxs)
+        total = torch.zeros(channels)
+        count = torch.zeros(channels)
+        for m in members(group):
+            if m.kind != "in" or m.module not in conns:
+                continue
+            x, y = conns[m.module]
+            module = m.module
+            groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
+            per_input = connection_correlation(x, y, groups).cpu()
+            root, values = m.root.cpu(), per_input[m.idxs.cpu()]
+            # positions of one channel in this consumer (a flatten) are averaged: one vote per consumer
+            mean = torch.zeros(channels).index_add_(0, root, values)
+            seen = torch.zeros(channels).index_add_(0, root, torch.ones_like(values))
+            hit = seen > 0
+            total[hit] += mean[hit] / seen[hit]
+            count[hit] += 1
+        if not count.any():
+            return fallback(group)
+        return total / count.clamp_min(1.0)
+
+    return score
+
+
 def _random(stats: Statistics) -> Criterion:
     """Uniform random scores, seeded by the pruner's seed and the group's name (so a group's draw does
     not depend on the other groups)."""
@@ -406,9 +621,13 @@ CRITERIA: dict[str, tuple[Callable[[Statistics], Criterion], str]] = {
     "lamp": (_lamp, "layer-adaptive magnitude score (LAMP) per channel, averaged over coupled layers"),
     "fpgm": (_fpgm, "distance to the layer's other filters: those near the geometric median go first"),
     "random": (_random, "random scores, seeded by --seed"),
+    "lda": (_lda, "Fisher ratio (between/within-class variance) of the channel's per-image maximum activation, "
+                  "over training batches' class labels (LDA-pruning)"),
+    "correlation": (_correlation, "mean |Pearson correlation| of the channel with the outputs of the layers "
+                                  "reading it, on training batches (weakly correlated go first)"),
 }
 
-DATA_CRITERIA = ("taylor", "hessian", "apoz", "entropy")  # read calibration batches
+DATA_CRITERIA = ("taylor", "hessian", "apoz", "entropy", "lda", "correlation")  # read calibration batches
 
 
 def get_criterion(name: str, stats: Statistics | None = None) -> Criterion:

@@ -16,7 +16,9 @@ stages instead of at once; after each stage
 4. the fine-tune's maximum learning rate follows the pruning-aware schedule
    ``lr(α) = base − Δ / (1 + (α / (2(1 − P) − α))^β)`` (:func:`pruning_aware_lr`), α the fraction
    of weights left; SGD with momentum 0.9, weight decay 1e-4, cosine decay within a fine-tune,
-   optional knowledge distillation from the unpruned model.
+   optional knowledge distillation from the unpruned model, and the evaluator's sparsity penalty
+   (``--finetune-l1``, ``--finetune-penalty``; off by default), which lets later stages remove
+   channels the earlier fine-tunes drove towards zero.
 
 Stages follow execution order: by default one stage per top-level block (a CIFAR ResNet's
 ``layer1``, ``layer2``, ``layer3``: each block reaches its target while the later ones are still
@@ -256,6 +258,7 @@ class IcePick:
         plain = task.train_batches(self.seed, augment=False)
         bn_batches = evaluator.bn_batches if self.bn_batches is None else self.bn_batches
         teacher = evaluator.model if self.distill > 0 else None
+        penalty = {"penalty": evaluator.finetune_penalty, "penalty_weight": evaluator.finetune_l1}
 
         model = copy.deepcopy(evaluator.model)
         history: list[Stage] = []
@@ -272,12 +275,12 @@ class IcePick:
                 stage.finetuned = True
                 stage.lr = self.lr(alpha)
                 if self.freeze_ratio > 0 and self.probe_steps > 0:
-                    stage.frozen = self.probe(model, task, train, stage.lr, amp)
+                    stage.frozen = self.probe(model, task, train, stage.lr, amp, **penalty)
                     probed += self.probe_steps
                 trainable = freeze(model, stage.frozen)
                 train_steps(model, task, train, self.finetune_steps, stage.lr, momentum=self.momentum,
                             weight_decay=self.weight_decay, teacher=teacher, distill=self.distill,
-                            temperature=self.temperature, amp=amp, params=trainable)
+                            temperature=self.temperature, amp=amp, params=trainable, **penalty)
                 freeze(model, [])
                 finetuned += self.finetune_steps
                 stage.score_after = evaluator.metrics_of(model, "val")[task.metric]
@@ -305,9 +308,10 @@ class IcePick:
             return model
         return ChannelPruner(current, calibration, seed, task).prune(Policy(ratios, criterion=criterion))
 
-    def probe(self, model: nn.Module, task: Any, batches: Iterator, lr: float, amp: bool = False) -> list[str]:
+    def probe(self, model: nn.Module, task: Any, batches: Iterator, lr: float, amp: bool = False, *,
+              penalty: str = "l1", penalty_weight: float = 0.0) -> list[str]:
         """The ``freeze_ratio`` of layers whose weights move least (relative to their norm) in
-        ``probe_steps`` SGD steps on a copy of ``model``."""
+        ``probe_steps`` SGD steps on a copy of ``model`` (with the fine-tune's sparsity penalty)."""
         names = layer_names(model)
         n_frozen = min(len(names) - 1, int(math.floor(self.freeze_ratio * len(names) + 0.5)))
         if n_frozen <= 0:
@@ -316,7 +320,8 @@ class IcePick:
         modules = dict(trial.named_modules())
         before = {n: modules[n].weight.detach().clone() for n in names}
         train_steps(trial, task, batches, self.probe_steps, lr, momentum=self.momentum,
-                    weight_decay=self.weight_decay, schedule="constant", amp=amp)
+                    weight_decay=self.weight_decay, schedule="constant", amp=amp, penalty=penalty,
+                    penalty_weight=penalty_weight)
         moved = {
             n: float((modules[n].weight.detach() - before[n]).norm() / before[n].norm().clamp_min(1e-12))
             for n in names
