@@ -119,7 +119,7 @@ def model_info(model: nn.Module, task: Task, info: Mapping[str, Any] | None = No
 
 # the settings of a search the evaluator takes (as SearchConfig names them), recorded with every policy
 EVALUATOR_SETTINGS = ("criterion", "granularity", "criterion_batches", "ignore", "bn_batches", "finetune_lr",
-                      "distill", "latency_batch", "seed")
+                      "distill", "latency_batch", "seed", "reconstruct")
 
 
 def make_evaluator(model: nn.Module, task: Task, settings: Mapping[str, Any], *, device: str = "auto",
@@ -330,7 +330,8 @@ def rebuild(model: nn.Module, policy: Policy, task: Task, *, finetune_steps: int
     steps."""
     search = dict(policy.search)
     amp = search.get("amp_used", search.get("amp"))  # the choice the search made (older policies: "amp")
-    settings = {**search, "criterion": policy.criterion, "granularity": policy.granularity}
+    settings = {**search, "criterion": policy.criterion, "granularity": policy.granularity,
+                "reconstruct": policy.reconstruct}
     evaluator = make_evaluator(model, task, settings, device=device, amp=amp if isinstance(amp, bool) else "auto",
                                info=policy.model)
     name = model_name or type(model).__name__

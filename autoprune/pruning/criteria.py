@@ -12,9 +12,11 @@ channels in each layer it reads and averages over those layers, indexed by the g
   producers' filters, the batch-norm scales and the consumers' input slices (torch-pruning's group
   importance; ``lamp`` leaves the batch norms out);
 - ``bn-scale``: the batch norms; ``fpgm``: the producers' filters;
-- ``apoz``, ``entropy``: the activation each producer emits (see :meth:`Statistics.activations`).
+- ``apoz``, ``entropy``: the activation each producer emits (see :meth:`Statistics.activations`);
+- ``regression``: the consumers' outputs, reconstructed without the channel (ThiNet's greedy selection,
+  :mod:`autoprune.pruning.regression`).
 
-``taylor``, ``hessian``, ``apoz`` and ``entropy`` read data: a :class:`Statistics` gathers gradients
+``taylor``, ``hessian``, ``apoz``, ``entropy`` and ``regression`` read data: a :class:`Statistics` gathers gradients
 or activations on calibration batches (the evaluator gives seeded training batches), once per base
 model, without modifying it. Without calibration batches these criteria raise :class:`InputError`.
 """
@@ -69,6 +71,7 @@ class Statistics:
         self.task = task  # how a batch is run and its loss taken; None: model(batch[0]) and cross-entropy
         self._gradients: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._activations: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cache: dict[str, object] = {}  # what other modules gather per base model (regression's samples)
 
     def _forward(self, model: nn.Module, batch) -> object:
         return self.task.forward(model, batch) if self.task is not None else model(batch[0])
@@ -395,6 +398,13 @@ def _random(stats: Statistics) -> Criterion:
     return score
 
 
+def _regression(stats: Statistics) -> Criterion:
+    """ThiNet's greedy selection on the consumers' sampled outputs (:mod:`autoprune.pruning.regression`)."""
+    from autoprune.pruning.regression import regression_criterion
+
+    return regression_criterion(stats)
+
+
 CRITERIA: dict[str, tuple[Callable[[Statistics], Criterion], str]] = {
     "l1": (lambda stats: _magnitude(1), "L1 norm of each channel's weights over the coupled layers"),
     "l2": (lambda stats: _magnitude(2), "L2 norm of each channel's weights over the coupled layers"),
@@ -405,10 +415,12 @@ CRITERIA: dict[str, tuple[Callable[[Statistics], Criterion], str]] = {
     "entropy": (_entropy, "entropy of the channel's average-pooled activations over training samples"),
     "lamp": (_lamp, "layer-adaptive magnitude score (LAMP) per channel, averaged over coupled layers"),
     "fpgm": (_fpgm, "distance to the layer's other filters: those near the geometric median go first"),
+    "regression": (_regression, "ThiNet's greedy selection: the channels whose removal least changes the "
+                   "next layers' outputs on training batches go first"),
     "random": (_random, "random scores, seeded by --seed"),
 }
 
-DATA_CRITERIA = ("taylor", "hessian", "apoz", "entropy")  # read calibration batches
+DATA_CRITERIA = ("taylor", "hessian", "apoz", "entropy", "regression")  # read calibration batches
 
 
 def get_criterion(name: str, stats: Statistics | None = None) -> Criterion:
