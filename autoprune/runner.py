@@ -280,7 +280,7 @@ def _with_latency(evaluator: Evaluator, result: Evaluation, model: nn.Module) ->
 
 
 def _check_same_search(st, info: Mapping[str, Any], evaluator: Evaluator, config: SearchConfig) -> None:
-    """A study resumes only with the model, granularity, latency batch, agent and options it was searched
+    """A study resumes only with the model, granularity, refit, latency batch, agent and options it was searched
     with: an agent that picks up its own trials (NetAdapt's iterations, AMC's episodes) would otherwise
     mix two searches in one study."""
     if not completed(st):
@@ -299,6 +299,9 @@ def _check_same_search(st, info: Mapping[str, Any], evaluator: Evaluator, config
     if before.get("granularity", "channel") != evaluator.granularity:
         raise ParameterError("granularity", evaluator.granularity, f"study {st.study_name!r} holds trials of "
                              f"granularity {before.get('granularity', 'channel')}; choose another study name")
+    if bool(before.get("reconstruct", False)) != evaluator.reconstruct:  # AMC, NetAdapt resume from their trials
+        raise ParameterError("reconstruct", evaluator.reconstruct, f"study {st.study_name!r} was searched with "
+                             f"reconstruct={bool(before.get('reconstruct', False))}; choose another study name")
     if "latency" in (before.get("budgets") or {}) and evaluator.latency_batch != before.get("latency_batch", 1):
         raise ParameterError("latency_batch", evaluator.latency_batch, f"study {st.study_name!r} timed latency at "
                              f"batch {before.get('latency_batch', 1)}; use that, or another study name")

@@ -365,6 +365,14 @@ def test_reconstruct_is_refused_for_masked_granularities(trained_resnet20, task)
         Policy({"a": 0.5}, granularity="unstructured", reconstruct=True)
 
 
+def test_a_study_resumes_only_with_the_refit_it_was_searched_with(trained_resnet20, task, tmp_path):
+    kw = dict(agent="uniform", device="cpu", bn_batches=1, criterion_batches=1, storage=f"sqlite:///{tmp_path}/s.db",
+              study="s", ignore=["layer1.*", "layer2.*"])
+    assert autoprune.search(trained_resnet20, task, {"flops": "85%"}, **kw).policy.reconstruct is False
+    with pytest.raises(ParameterError, match=r"^reconstruct=True: study 's' was searched with reconstruct=False"):
+        autoprune.search(trained_resnet20, task, {"flops": "85%"}, reconstruct=True, **kw)
+
+
 def test_apply_without_a_task_refuses_a_refitted_policy(trained_resnet20):
     policy = Policy({"layer1.0.conv1": 0.5}, reconstruct=True, model={"in_channels": 1, "image_size": 8})
     names = Space.from_model(trained_resnet20, torch.zeros(1, 1, 8, 8)).names
