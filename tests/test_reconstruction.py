@@ -407,6 +407,8 @@ def test_search_with_regression_and_reconstruct_exports_a_policy_apply_reproduce
     assert policy.metrics["flops"] <= 0.85 * policy.metrics["base"]["flops"]
     _, result, _ = apply_policy(policy, device="cpu", log=lambda m: None)
     assert (result.score, result.flops) == (policy.metrics["accuracy"], policy.metrics["flops"])
+    assert "loss" in result.metrics  # the loss moves with any change of the refitted weights, where accuracy may not
+    assert result.metrics == {k: policy.metrics[k] for k in result.metrics}
 
 
 # -- (d) the policy field ------------------------------------------------------------------------------
