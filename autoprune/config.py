@@ -180,8 +180,8 @@ class SearchConfig(_Config):
         else:
             check_criterion(granularity, self.criterion)
             if self.reconstruct:
-                raise ParameterError("reconstruct", True, f"refits layers after channels are removed; granularity "
-                                     f"{granularity} removes none (use granularity channel)")
+                raise ParameterError("granularity", granularity, "removes no channels, so no layer reads pruned "
+                                     "channels to refit: use granularity channel, or leave reconstruct off")
             if agent.channel_only:
                 raise ParameterError("granularity", granularity,
                                      f"agent {agent.name!r} removes channels itself and supports only channel")

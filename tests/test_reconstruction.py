@@ -358,9 +358,12 @@ def test_the_evaluator_refits_every_candidate_and_apply_gives_the_same_weights(t
 
 
 def test_reconstruct_is_refused_for_masked_granularities(trained_resnet20, task):
-    with pytest.raises(ParameterError, match=r"^reconstruct=True: .*granularity 2:4"):
+    with pytest.raises(ParameterError, match=r"^granularity='2:4': removes no channels.*leave reconstruct off") as e:
         autoprune.search(trained_resnet20, task, {"flops": "80%"}, agent="uniform", granularity="2:4",
                          reconstruct=True, device="cpu")
+    assert e.value.for_cli().startswith("--granularity 2:4: removes no channels")
+    with pytest.raises(ParameterError, match=r"^reconstruct=True: .*granularity unstructured"):
+        Evaluator(trained_resnet20, task, device="cpu", granularity="unstructured", reconstruct=True)
     with pytest.raises(InputError, match="granularity channel only"):
         Policy({"a": 0.5}, granularity="unstructured", reconstruct=True)
 
