@@ -48,7 +48,9 @@ consumer only.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,13 +94,6 @@ def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return u.transpose(1, 2)
 
 
-def outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """``module``'s output as ``(images, positions, output channels)``."""
-    if isinstance(module, nn.Linear):
-        return y.reshape(y.shape[0], -1, y.shape[-1])
-    return y.flatten(2).transpose(1, 2)
-
-
 def flat_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``(outputs, features)``, columns matching :func:`patches`."""
     return module.weight.detach().reshape(module.weight.shape[0], -1)
@@ -130,38 +125,41 @@ def _at(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return rows.gather(1, idx.unsqueeze(-1).expand(-1, -1, rows.shape[-1])).reshape(-1, rows.shape[-1])
 
 
-def _run(stats: Statistics, model: nn.Module, what: str, hooks: dict[nn.Module, object], stop=None):
-    """Run ``model`` in eval mode without autograd over the calibration batches, with forward pre-hooks
-    ``hooks`` (module -> ``hook(module, x, batch_index)``); a hook may raise ``stop`` to end a batch's
-    forward pass there. Modes and hooks are restored afterwards. Returns the number of batches."""
-    batches = _calibration(stats, what)
-    state = {"batch": 0}
-
-    def wrap(fn):
-        return lambda module, args: fn(module, args[0], state["batch"])
-
-    handles = [m.register_forward_pre_hook(wrap(fn)) for m, fn in hooks.items()]
+@contextlib.contextmanager
+def _hooked(model: nn.Module, hooks: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Within the block: ``model`` in eval mode with forward pre-hooks ``hooks`` (module -> ``hook(module,
+    args)``); its modes restored and the hooks removed afterwards."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    n = 0
     try:
         with torch.no_grad():
-            for i, batch in enumerate(batches):
-                state["batch"] = i
-                try:
-                    stats._forward(model, batch)
-                except Exception as e:
-                    if stop is None or not isinstance(e, stop):
-                        raise
-                n += 1
+            yield
     finally:
         for h in handles:
             h.remove()
         for m, training in modes.items():
             m.training = training
+
+
+def _run(stats: Statistics, model: nn.Module, what: str, hooks: dict[nn.Module, Callable],
+         stop: type[Exception] | None = None) -> None:
+    """Run ``model`` over the calibration batches without autograd, in eval mode, with ``hooks`` (module ->
+    ``hook(module, x, batch_index)`` before the module runs on ``x``); a hook may raise ``stop`` to end a
+    batch's forward pass there."""
+    state = {"batch": 0}
+    n = 0
+    with _hooked(model, {m: (lambda mod, args, fn=fn: fn(mod, args[0], state["batch"])) for m, fn in hooks.items()}):
+        for i, batch in enumerate(_calibration(stats, what)):
+            state["batch"] = i
+            try:
+                stats._forward(model, batch)
+            except Exception as e:
+                if stop is None or not isinstance(e, stop):
+                    raise
+            n += 1
     if n == 0:
         raise InputError(f"{what}: the calibration gave no batches")
-    return n
 
 
 def _calibration(stats: Statistics, what: str):
@@ -285,27 +283,14 @@ class _Reached(Exception):
 
 
 def forward_order(stats: Statistics, model: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
-    """``modules`` in the order ``model``'s forward pass first calls them (on the first calibration batch)."""
+    """``modules`` in the order ``model``'s forward pass first calls them (on the first calibration batch);
+    any it does not call, last."""
     seen: list[nn.Module] = []
-
-    def note(module, args):
-        if module not in seen:
-            seen.append(module)
-
     first = next(iter(_calibration(stats, "reconstruct")), None)
     if first is None:
         raise InputError("reconstruct: the calibration gave no batches")
-    handles = [m.register_forward_pre_hook(note) for m in modules]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            stats._forward(model, first)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    with _hooked(model, {m: (lambda mod, args: seen.append(mod) if mod not in seen else None) for m in modules}):
+        stats._forward(model, first)
     return seen + [m for m in modules if m not in seen]
 
 
@@ -346,6 +331,8 @@ def refit(stats: Statistics, model: nn.Module, kept_outputs: dict[str, torch.Ten
             raise _Reached
 
         _run(stats, model, "reconstruct", {module: gather}, stop=_Reached)
+        if not acc:  # the forward pass never calls it: nothing to fit on
+            continue
         xtx, xty = acc["xtx"], acc["xty"]
         features = xtx.shape[0] - int(bias)
         scale = xtx.diagonal()[:features].mean().clamp_min(torch.finfo(xtx.dtype).tiny)
