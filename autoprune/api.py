@@ -57,7 +57,7 @@ def search(
     reporter: progress callbacks (:class:`~autoprune.agents.Reporter`); silent by default.
     output: also write the best policy's JSON here.
     **options: the other settings of :class:`~autoprune.config.SearchConfig` (``trials``, ``timeout``,
-        ``finetune_steps``, ``seed``, ``criterion``, ``granularity``, ``ignore``, ``max_ratio``,
+        ``finetune_steps``, ``seed``, ``criterion``, ``reconstruct``, ``granularity``, ``ignore``, ``max_ratio``,
         ``distill``, ``bn_batches``, ``finetune_lr``, ``finetune_l1``, ``finetune_penalty``, ``latency_batch``,
         ``amp``, ``device``, ``storage``
         (an Optuna storage URL; in memory by default), ``study``), and the agent's own options by their

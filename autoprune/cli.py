@@ -358,7 +358,10 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     for name, (_, description) in CRITERIA.items():
         reads = "random numbers" if name == "random" else "training batches" if name in DATA_CRITERIA else "weights"
         table.add_row(name, description, reads)
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    console.print("--reconstruct (after any criterion): every conv/linear layer reading pruned channels is refitted "
+                  "by least squares to the unpruned model's outputs on --criterion-batches training batches")
     return EXIT_OK
 
 

@@ -131,8 +131,11 @@ class SearchConfig(_Config):
     seed: int = setting(0, "seeds the training batches, the random criterion and the agent", metavar="N", kind=int)
     criterion: str = setting("l1", "which channels a ratio removes (see `autoprune criteria`); unstructured and "
                              "N:M take l1, l2 (both |w| per weight) or random", metavar="NAME", kind=str)
-    criterion_batches: int = setting(8, "training batches that the data criteria read (taylor, apoz, lda, ...)",
-                                     metavar="N", low=1, kind=int)
+    criterion_batches: int = setting(8, "training batches that the data criteria (taylor, apoz, lda, regression, "
+                                     "...) and --reconstruct read", metavar="N", low=1, kind=int)
+    reconstruct: bool = setting(False, "after pruning, refit every conv/linear layer reading pruned channels by "
+                                "least squares to the unpruned model's outputs on training batches (He et al. "
+                                "2017); channel granularity", kind=bool)
     granularity: str = setting("channel", "channel (channels removed), unstructured (weight masks) or N:M such as "
                                "2:4 (N of every M weights along the input dimension)", metavar="G", kind=str)
     ignore: tuple[str, ...] = setting((), "module names (glob) whose groups stay whole; repeatable",
@@ -180,6 +183,9 @@ class SearchConfig(_Config):
             get_criterion(self.criterion)
         else:
             check_criterion(granularity, self.criterion)
+            if self.reconstruct:
+                raise ParameterError("granularity", granularity, "removes no channels, so no layer reads pruned "
+                                     "channels to refit: use granularity channel, or leave reconstruct off")
             if agent.channel_only:
                 raise ParameterError("granularity", granularity,
                                      f"agent {agent.name!r} removes channels itself and supports only channel")

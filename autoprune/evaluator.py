@@ -22,6 +22,7 @@ budgets are judged on; ``flops_dense`` and ``params_dense`` keep the dense ones 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -115,7 +116,12 @@ class Evaluator:
     granularity: default granularity of the policies it makes: ``channel``, ``unstructured`` or
         ``N:M`` such as ``2:4`` (see :mod:`autoprune.pruning.masks`).
     criterion_batches: training batches (seeded, not augmented) that the data-reading criteria
-        (``DATA_CRITERIA``: taylor, apoz, lda, ...) gather their statistics on, once per base model.
+        (``DATA_CRITERIA``: taylor, apoz, lda, regression, ...) gather their statistics on, once per base
+        model, and that the least-squares refit (``reconstruct``) fits on.
+    reconstruct: default of the policies it makes: after the channels are removed, refit every conv or
+        linear layer reading pruned channels by least squares to the unpruned model's outputs
+        (:mod:`autoprune.pruning.regression`), before batch-norm recalibration and fine-tuning. Channel
+        granularity only.
     ignore: module-name patterns whose groups stay whole, beside the first conv and the classifier.
     bn_batches: training batches for adaptive BN recalibration (0 turns it off).
     finetune_lr: peak LR of the cosine fine-tune schedule (SGD, momentum 0.9, wd 5e-4).
@@ -145,6 +151,7 @@ class Evaluator:
         criterion: str = "l1",
         granularity: str = "channel",
         criterion_batches: int = 8,
+        reconstruct: bool = False,
         ignore: Iterable[str] = (),
         bn_batches: int = 20,
         finetune_lr: float = 0.01,
@@ -167,6 +174,10 @@ class Evaluator:
         if self.granularity != "channel":
             check_criterion(self.granularity, criterion)
         self.criterion_batches = criterion_batches
+        if reconstruct and self.granularity != "channel":
+            raise ParameterError("reconstruct", reconstruct, f"refits layers after channels are removed; granularity "
+                                 f"{self.granularity} removes none (use granularity channel)")
+        self.reconstruct = bool(reconstruct)
         self.bn_batches = bn_batches
         self.finetune_lr = finetune_lr
         if not (isinstance(finetune_l1, (int, float)) and math.isfinite(finetune_l1) and finetune_l1 >= 0):
@@ -265,6 +276,8 @@ class Evaluator:
         full = {n: snap_ratio(granularity, float(ratios.get(n, 0.0))) for n in self.space.names}
         self.space.check_names(ratios)
         kw.setdefault("criterion", self.criterion)
+        if granularity == "channel":
+            kw.setdefault("reconstruct", self.reconstruct)
         kw.setdefault("model", dict(self.model_info))
         return Policy(full, **kw)
 
@@ -282,6 +295,7 @@ class Evaluator:
         out = self.space.cost(ratios) if granularity == "channel" else self.mask_pruner.cost(ratios, granularity)
         if self.latency if latency is None else latency:
             pol = policy if isinstance(policy, Policy) else self.policy(ratios)
+            pol = dataclasses.replace(pol, reconstruct=False)  # the refit changes weights, not shapes or latency
             out["latency"] = self.latency_of(self.pruner_for(pol.granularity).prune(pol))
         return out
 

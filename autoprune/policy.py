@@ -23,6 +23,12 @@ policy may instead name them: the optional ``"keep"`` object maps a group to the
 the unpruned group) of the channels it keeps, as agents that learn per-channel importances do
 (Pruning from Scratch keeps the channels with the largest gates). The pruner honours ``keep`` where it
 is given and the criterion elsewhere; each ``keep`` list must hold as many channels as its ratio keeps.
+
+``"reconstruct": true`` (channel granularity only) says that after the channels are removed, every
+conv/linear layer reading pruned channels was refitted by least squares to reproduce the unpruned
+model's outputs on the search's seeded training batches (:mod:`autoprune.pruning.regression`); applying
+such a policy needs those batches (a task) and gives the same weights for the same seed. Policies
+without the key are not refitted.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class Policy:
     metrics: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     keep: dict[str, list[int]] | None = None  # explicit kept channel indices per group (see module doc)
+    reconstruct: bool = False  # consumers of pruned channels refitted by least squares (see module doc)
 
     def __post_init__(self) -> None:
         self.granularity = parse_granularity(self.granularity)
@@ -102,6 +109,11 @@ class Policy:
                     raise InputError(f"policy ratio for {name!r} is {r}; a {self.granularity} policy allows only "
                                      f"0 (dense) or {sparse:g} ({self.granularity})")
             self.ratios = {k: (sparse if r > 0 else 0.0) for k, r in self.ratios.items()}
+        if not isinstance(self.reconstruct, bool):
+            raise InputError(f"policy 'reconstruct' is {self.reconstruct!r}; it must be true or false")
+        if self.reconstruct and self.granularity != "channel":
+            raise InputError(f"policy 'reconstruct' refits layers after channels are removed, which a "
+                             f"{self.granularity} policy does not do; it applies to granularity channel only")
         if self.keep is not None and self.granularity != "channel":
             raise InputError(f"policy 'keep' names channels, which a {self.granularity} policy does not remove")
         if self.keep is not None:
@@ -127,6 +139,8 @@ class Policy:
         )
         if self.keep is not None:  # only then, so that keys of criterion-only policies do not change
             key += (tuple(sorted((k, tuple(v)) for k, v in self.keep.items())),)
+        if self.reconstruct:  # likewise: keys of policies without the refit do not change
+            key += ("reconstruct",)
         return key
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +155,8 @@ class Policy:
         }
         if self.keep is not None:
             out["keep"] = {k: list(v) for k, v in self.keep.items()}
+        if self.reconstruct:
+            out["reconstruct"] = True
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -182,6 +198,9 @@ class Policy:
             ):
                 raise InputError(f"{source}: 'keep' must be an object of group name -> list of channel indices")
             keep = {k: list(v) for k, v in keep.items()}
+        reconstruct = data.get("reconstruct", False)
+        if not isinstance(reconstruct, bool):
+            raise InputError(f"{source}: 'reconstruct' is {reconstruct!r}; it must be true or false")
         try:
             return cls(
                 ratios=dict(ratios),
@@ -191,6 +210,7 @@ class Policy:
                 metrics=dict(data.get("metrics", {})),
                 search=dict(data.get("search", {})),
                 keep=keep,
+                reconstruct=reconstruct,
             )
         except InputError as e:
             raise InputError(f"{source}: {e}") from None

@@ -119,7 +119,7 @@ def model_info(model: nn.Module, task: Task, info: Mapping[str, Any] | None = No
 
 # the settings of a search the evaluator takes (as SearchConfig names them), recorded with every policy
 EVALUATOR_SETTINGS = ("criterion", "granularity", "criterion_batches", "ignore", "bn_batches", "finetune_lr",
-                      "distill", "latency_batch", "seed", "finetune_l1", "finetune_penalty")
+                      "distill", "latency_batch", "seed", "finetune_l1", "finetune_penalty", "reconstruct")
 
 
 def make_evaluator(model: nn.Module, task: Task, settings: Mapping[str, Any], *, device: str = "auto",
@@ -280,7 +280,7 @@ def _with_latency(evaluator: Evaluator, result: Evaluation, model: nn.Module) ->
 
 
 def _check_same_search(st, info: Mapping[str, Any], evaluator: Evaluator, config: SearchConfig) -> None:
-    """A study resumes only with the model, granularity, latency batch, agent and options it was searched
+    """A study resumes only with the model, granularity, refit, latency batch, agent and options it was searched
     with: an agent that picks up its own trials (NetAdapt's iterations, AMC's episodes) would otherwise
     mix two searches in one study."""
     if not completed(st):
@@ -299,6 +299,9 @@ def _check_same_search(st, info: Mapping[str, Any], evaluator: Evaluator, config
     if before.get("granularity", "channel") != evaluator.granularity:
         raise ParameterError("granularity", evaluator.granularity, f"study {st.study_name!r} holds trials of "
                              f"granularity {before.get('granularity', 'channel')}; choose another study name")
+    if bool(before.get("reconstruct", False)) != evaluator.reconstruct:  # AMC, NetAdapt resume from their trials
+        raise ParameterError("reconstruct", evaluator.reconstruct, f"study {st.study_name!r} was searched with "
+                             f"reconstruct={bool(before.get('reconstruct', False))}; choose another study name")
     if "latency" in (before.get("budgets") or {}) and evaluator.latency_batch != before.get("latency_batch", 1):
         raise ParameterError("latency_batch", evaluator.latency_batch, f"study {st.study_name!r} timed latency at "
                              f"batch {before.get('latency_batch', 1)}; use that, or another study name")
@@ -330,7 +333,8 @@ def rebuild(model: nn.Module, policy: Policy, task: Task, *, finetune_steps: int
     steps."""
     search = dict(policy.search)
     amp = search.get("amp_used", search.get("amp"))  # the choice the search made (older policies: "amp")
-    settings = {**search, "criterion": policy.criterion, "granularity": policy.granularity}
+    settings = {**search, "criterion": policy.criterion, "granularity": policy.granularity,
+                "reconstruct": policy.reconstruct}
     evaluator = make_evaluator(model, task, settings, device=device, amp=amp if isinstance(amp, bool) else "auto",
                                info=policy.model)
     name = model_name or type(model).__name__

@@ -21,6 +21,7 @@ resumes where it stopped. Run (Fashion-MNIST from ``apt-get install dataset-fash
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -78,6 +79,31 @@ def tp_pruned(ev, model: nn.Module, flops_limit: float, *, global_pruning: bool,
     return cache[ratio] if ratio in cache else pruned(ratio)
 
 
+# search settings a method may set through --option (the rest are set by this script's own flags)
+FIXED = ("agent", "budgets", "trials", "finetune_steps", "seed", "device", "storage", "study", "agent_options")
+
+
+def split_options(given: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A method's ``--option`` values split into search settings (``reconstruct``, ``criterion``, ...; a
+    true/false setting parsed from its text) and the agent's own options (checked by the agent)."""
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    settings: dict[str, Any] = {}
+    agent: dict[str, str] = {}
+    for key, value in given.items():
+        f = fields.get(key)
+        if f is None:
+            agent[key] = value
+        elif key in FIXED:
+            raise SystemExit(f"--option ...{key}={value}: {key} is set by this script's own flags")
+        elif f.metadata.get("kind") is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--option ...{key}={value}: write true or false")
+            settings[key] = value.lower() == "true"
+        else:
+            settings[key] = value
+    return settings, agent
+
+
 def load_results(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -90,14 +116,15 @@ def main() -> None:
     ap.add_argument("--budgets", default="30,15", help="FLOPs kept, in percent (50,30,15 for all three)")
     ap.add_argument("--agents", default=",".join(DEFAULT_AGENTS),
                     help=f"agents to compare, of {','.join(AGENTS)}; label:agent:option=value:... runs an agent "
-                    "with options under a label")
+                    "with options under a label (amc-rec:amc:reconstruct=true is AMC with the least-squares refit)")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=20, help="evaluations per agent")
     ap.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps of every evaluation")
     ap.add_argument("--final-steps", type=int, default=300, help="the final fine-tune every best policy gets")
     ap.add_argument("--option", action="append", default=[],
-                    help="agent option, agent.name=value (e.g. amc.warmup=5); repeatable")
+                    help="agent or search option of a method, label.name=value (e.g. amc.warmup=5, "
+                    "amc-rec.reconstruct=true, sensitivity.criterion=regression); repeatable")
     ap.add_argument("--report-only", action="store_true", help="print the table and draw the plot from the "
                     "results recorded so far, running nothing")
     ap.add_argument("--policies", default=None, metavar="DIR",
@@ -157,11 +184,12 @@ def main() -> None:
                         row.update(evaluations=0, wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
                     else:
                         row["study"] = study_name(model_name, budget, seed, method)
+                        settings, agent_options = split_options(options.get(method, {}))
                         config = SearchConfig(agent=agent_of[method], budgets={"flops": f"{budget:g}%"},
                                               trials=args.trials,
                                               finetune_steps=args.finetune_steps, seed=seed, device="cpu",
                                               storage=storage, study=row["study"],
-                                              agent_options=options.get(method, {}))
+                                              agent_options=agent_options, **settings)
                         t0, c0, started = time.perf_counter(), time.process_time(), datetime.now()
                         outcome = run_search(setup.model, setup.task, config, info=setup.info, final=False)
                         st = outcome.study
@@ -184,7 +212,9 @@ def main() -> None:
                             results_path.write_text(json.dumps(results, indent=1))
                             log(f"{key}: no feasible policy")
                             continue
-                        model = judge.pruner.prune(outcome.policy)
+                        # pruned (and refitted, for a reconstruct policy) with the search's own settings: its
+                        # calibration batches pick the channels of the data criteria and fit the refit
+                        model = outcome.evaluator.pruner.prune(outcome.policy)
                         row["ratios"] = outcome.policy.ratios
                     final = judge.finish(model, args.final_steps)
                     test = judge.measure(final, "test", args.final_steps)

@@ -72,7 +72,7 @@ def passthrough(model: Tiny, shifts, scales=None) -> None:
 
 def test_the_registry_lists_every_criterion_with_a_description():
     assert set(CRITERIA) == {"l1", "l2", "bn-scale", "taylor", "hessian", "apoz", "entropy", "lamp", "fpgm",
-                             "random", "lda", "correlation"}
+                             "regression", "random", "lda", "correlation"}
     assert all(desc for _, desc in CRITERIA.values())
 
 
@@ -192,7 +192,7 @@ def test_random_is_deterministic_per_seed():
     assert a["a"].shape == (16,) and not torch.equal(a["a"][:3], a["b"])  # each group its own draw
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "hessian", "apoz", "entropy", "lda", "correlation"])
+@pytest.mark.parametrize("criterion", ["taylor", "hessian", "apoz", "entropy", "regression", "lda", "correlation"])
 def test_data_criteria_without_calibration_batches_are_refused(criterion):
     with pytest.raises(InputError, match="training data"):
         pruner(tiny()).scores(criterion)

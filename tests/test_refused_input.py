@@ -40,7 +40,7 @@ def refused(capsys, *argv):
         (["--budget-flops", "50%", "--max-ratio", "1"], "--max-ratio 1: must be a number > 0 and < 1"),
         (["--budget-flops", "50%", "--criterion", "magic"],
          "--criterion magic: unknown criterion; choose from l1, l2, bn-scale, taylor, hessian, apoz, entropy, "
-         "lamp, fpgm, random, lda, correlation"),
+         "lamp, fpgm, regression, random, lda, correlation"),
         (["--budget-flops", "50%", "--model", "resnet21"], "unknown model 'resnet21'"),
         (["--budget-flops", "50%", "--dataset", "imagenet22k"],
          "unknown dataset 'imagenet22k'; choose one of: digits, cifar10, cifar100, mnist, fashionmnist, imagefolder"),

@@ -14,6 +14,11 @@ The recipe of the paper and of the reference code (mit-han-lab/amc), every piece
   the paper; ``min(100, trials // 4)`` here unless ``--amc-warmup`` says otherwise).
 * exploration: a normal truncated to [0, 1] around the actor's action, sigma 0.5 decaying by 0.95
   per episode after the warm-up (``--amc-sigma``, ``--amc-sigma-decay``).
+* pruning a candidate: the reference code removes the channels of least weight magnitude and refits the
+  layer reading them by least squares on features sampled from the unpruned network. Here the shared
+  evaluator prunes with ``--criterion`` (``l1`` by default); ``--reconstruct`` adds the least-squares
+  refit (He et al. 2017, :mod:`autoprune.pruning.regression`) to every candidate, so AMC with and without
+  it are the same agent on the same budgets and can be compared study to study.
 * credit assignment: the reward arrives only at the episode's end, so every step of the episode is
   stored with that reward; a moving average of the sampled rewards is subtracted as a baseline (the
   reference code's variance reduction, ``--amc-baseline-alpha``). One gradient step per layer after

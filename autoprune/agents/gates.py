@@ -28,6 +28,7 @@ each; every run is one Optuna trial whose params are its lambda and r.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -282,7 +283,9 @@ class GatesAgent(Agent):
         scratch = policy.search.get("gates_scratch")
         if not scratch:
             return super().rebuild(evaluator, policy, finetune_steps)
-        model = reinitialise(evaluator.pruner.prune(policy), int(scratch["seed"]))
+        # fresh weights replace every weight: a least-squares refit would be thrown away
+        model = reinitialise(evaluator.pruner.prune(dataclasses.replace(policy, reconstruct=False)),
+                             int(scratch["seed"]))
         task = evaluator.task
         train_steps(model, task, task.train_batches(int(scratch["seed"])), int(scratch["steps"]),
                     float(scratch["lr"]), amp=evaluator.amp)
@@ -299,7 +302,7 @@ class GatesAgent(Agent):
                 return evaluation_of(trial)
         t0 = time.perf_counter()
         policy = Policy(dict(policy.ratios), granularity=policy.granularity, criterion=policy.criterion,
-                        model=dict(policy.model), keep=policy.keep,
+                        model=dict(policy.model), keep=policy.keep, reconstruct=policy.reconstruct,
                         search={**policy.search, "gates_scratch": {"steps": self.train_from_scratch,
                                                                     "lr": SCRATCH_LR, "seed": ctx.seed}})
         params = {"lambda": info["gates_lambda"], "r": info["gates_r"]}

@@ -110,7 +110,7 @@ class IcePickAgent(Agent):
         hp = policy.search.get("icepick")
         if not hp:
             return super().rebuild(evaluator, policy, finetune_steps)
-        target = Policy(dict(policy.ratios), criterion=policy.criterion)
+        target = Policy(dict(policy.ratios), criterion=policy.criterion, reconstruct=policy.reconstruct)
         run = IcePick(
             freeze_ratio=hp["freeze_ratio"], threshold=hp["threshold"], base_lr=hp["base_lr"], delta=hp["delta"],
             p=hp["p"], beta=hp["beta"], finetune_steps=hp["finetune_steps"], stages=hp["stages"],

@@ -196,6 +196,8 @@ def scan_identity(evaluator: Evaluator, probe_steps: int) -> dict[str, Any]:
         "seed": ev.seed,  # the recalibration (and fine-tune) batches
         "amp": ev.amp,
     }
+    if sample.reconstruct:  # only then, so that the scans recorded before the refit existed keep their names
+        identity["reconstruct"] = True
     if probe_steps > 0:
         identity.update(finetune_lr=ev.finetune_lr, distill=ev.distill, temperature=ev.temperature)
         if ev.finetune_l1 > 0:  # only then, so that the scans of unpenalised searches keep their names

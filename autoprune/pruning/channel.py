@@ -48,6 +48,8 @@ class ChannelPruner:
     loss; default ``model(batch[0])`` and cross-entropy); without it they raise :class:`InputError`.
     ``seed`` seeds the ``random`` criterion. Attention heads are ranked by the magnitude of their
     projection weights (``l2`` for ``--criterion l2``, else ``l1``), or randomly for ``random``.
+    A policy with ``reconstruct`` also has every conv/linear layer that reads pruned channels refitted by
+    least squares on the calibration batches (:func:`autoprune.pruning.regression.refit`).
     """
 
     def __init__(self, space: Space, calibration: Calibration | None = None, seed: int = 0, task=None) -> None:
@@ -200,4 +202,27 @@ class ChannelPruner:
                 handler(modules[target], idxs)
         for name, units in heads.items():
             self.space.heads(name).layer.prune_heads(modules[name], units)
+        if policy.reconstruct:
+            self.reconstruct(pruned, cuts)
         return pruned
+
+    def reconstruct(self, pruned: nn.Module, cuts: dict) -> list[str]:
+        """Refit the layers of ``pruned`` whose inputs ``cuts`` removed, each for the outputs it kept."""
+        from autoprune.pruning.regression import refit
+
+        base = dict(self.space.model.named_modules())
+        gone_in, gone_out = set(), {}
+        for (target, _), (handler, _, parts) in cuts.items():
+            if target.startswith("param:"):
+                continue
+            if self.space.dg.is_out_channel_pruning_fn(handler):
+                gone_out.setdefault(target, set()).update(torch.cat(parts).tolist())
+            else:
+                gone_in.add(target)
+        order = {name: i for i, name in enumerate(base)}
+        kept = {}
+        for name in sorted(gone_in, key=order.__getitem__):
+            out = gone_out.get(name)
+            total = getattr(base[name], "out_features", None) or getattr(base[name], "out_channels", 0)
+            kept[name] = None if not out else torch.tensor(sorted(set(range(total)) - out))
+        return refit(self.statistics, pruned, kept)

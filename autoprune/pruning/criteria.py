@@ -15,7 +15,9 @@ channels in each layer it reads and averages over those layers, indexed by the g
 - ``apoz``, ``entropy``: the activation each producer emits (see :meth:`Statistics.activations`);
 - ``lda``: the per-sample spatial maximum of that activation, against the batches' class labels;
 - ``correlation``: the layers that read the channels (the consumers), their inputs against their
-  outputs (see :meth:`Statistics.connections`).
+  outputs (see :meth:`Statistics.connections`);
+- ``regression``: the consumers' outputs, reconstructed without the channel (ThiNet's greedy selection,
+  :mod:`autoprune.pruning.regression`).
 
 The criteria in :data:`DATA_CRITERIA` read data: a :class:`Statistics` gathers gradients or
 activations on calibration batches (the evaluator gives seeded training batches), once per base
@@ -76,6 +78,7 @@ class Statistics:
         self._maxima: dict[nn.Module, torch.Tensor] = {}
         self._labels: torch.Tensor | str = ""  # the batches' class labels, or why they have none
         self._connections: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cache: dict[str, object] = {}  # what other modules gather per base model (regression's samples)
 
     def _forward(self, model: nn.Module, batch) -> object:
         return self.task.forward(model, batch) if self.task is not None else model(batch[0])
@@ -610,6 +613,13 @@ def _random(stats: Statistics) -> Criterion:
     return score
 
 
+def _regression(stats: Statistics) -> Criterion:
+    """ThiNet's greedy selection on the consumers' sampled outputs (:mod:`autoprune.pruning.regression`)."""
+    from autoprune.pruning.regression import regression_criterion
+
+    return regression_criterion(stats)
+
+
 CRITERIA: dict[str, tuple[Callable[[Statistics], Criterion], str]] = {
     "l1": (lambda stats: _magnitude(1), "L1 norm of each channel's weights over the coupled layers"),
     "l2": (lambda stats: _magnitude(2), "L2 norm of each channel's weights over the coupled layers"),
@@ -620,6 +630,8 @@ CRITERIA: dict[str, tuple[Callable[[Statistics], Criterion], str]] = {
     "entropy": (_entropy, "entropy of the channel's average-pooled activations over training samples"),
     "lamp": (_lamp, "layer-adaptive magnitude score (LAMP) per channel, averaged over coupled layers"),
     "fpgm": (_fpgm, "distance to the layer's other filters: those near the geometric median go first"),
+    "regression": (_regression, "ThiNet's greedy selection: the channels whose removal least changes the "
+                   "next layers' outputs on training batches go first"),
     "random": (_random, "random scores, seeded by --seed"),
     "lda": (_lda, "Fisher ratio (between/within-class variance) of the channel's per-image maximum activation, "
                   "over training batches' class labels (LDA-pruning)"),
@@ -627,7 +639,7 @@ CRITERIA: dict[str, tuple[Callable[[Statistics], Criterion], str]] = {
                                   "reading it, on training batches (weakly correlated go first)"),
 }
 
-DATA_CRITERIA = ("taylor", "hessian", "apoz", "entropy", "lda", "correlation")  # read calibration batches
+DATA_CRITERIA = ("taylor", "hessian", "apoz", "entropy", "regression", "lda", "correlation")  # read calibration batches
 
 
 def get_criterion(name: str, stats: Statistics | None = None) -> Criterion:

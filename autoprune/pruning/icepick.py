@@ -266,7 +266,8 @@ class IcePick:
         targets = stage_targets(space.names, policy.ratios, stages=self.stages, schedule=self.schedule)
         for i, cumulative in enumerate(targets):
             model = self.prune_to(model, space, cumulative, policy.criterion, evaluator.example_inputs,
-                                  calibration=evaluator.calibration, seed=evaluator.seed, task=task)
+                                  calibration=evaluator.calibration, seed=evaluator.seed, task=task,
+                                  reconstruct=policy.reconstruct)
             recalibrate_bn(model, task, plain, bn_batches, amp)
             alpha = count_params(model) / space.base_params
             value = evaluator.metrics_of(model, "val")[task.metric]
@@ -290,11 +291,12 @@ class IcePick:
     @staticmethod
     def prune_to(model: nn.Module, space: Space, cumulative: Mapping[str, float], criterion: str,
                  example_inputs: Any, calibration: Calibration | None = None, seed: int = 0,
-                 task: Any = None) -> nn.Module:
+                 task: Any = None, reconstruct: bool = False) -> nn.Module:
         """A copy of ``model`` (the base model, possibly pruned and fine-tuned already) with the channel
         counts that ``cumulative`` gives the base model's groups; only the additional channels go,
         chosen by ``criterion`` on ``model``'s current weights (and on ``calibration`` batches for the
-        criteria that read data)."""
+        criteria that read data). With ``reconstruct`` the layers reading the removed channels are refitted
+        to ``model``'s outputs on the calibration batches (the stage's refit)."""
         current = Space.from_model(model, example_inputs)
         missing = [n for n in space.names if n not in current.by_name]
         if missing:
@@ -306,7 +308,8 @@ class IcePick:
             ratios[name] = max(0.0, 1.0 - keep / channels)
         if not any(r > 0 for r in ratios.values()):
             return model
-        return ChannelPruner(current, calibration, seed, task).prune(Policy(ratios, criterion=criterion))
+        return ChannelPruner(current, calibration, seed, task).prune(Policy(ratios, criterion=criterion,
+                                                                            reconstruct=reconstruct))
 
     def probe(self, model: nn.Module, task: Any, batches: Iterator, lr: float, amp: bool = False, *,
               penalty: str = "l1", penalty_weight: float = 0.0) -> list[str]:
