@@ -135,6 +135,8 @@ class EnergyAgent(Agent):
             try:
                 with fails_candidate(ev.device):
                     for g in order:
+                        if visits and ctx.limits.out_of_time():
+                            break  # the pass so far is still a candidate
                         n = min(max(1, round(self.step * channels[g])), len(kept[g]) - floor[g])
                         n = self.fewest(ctx, kept, g, n, ratios_of)
                         work, removed, restored = self.visit(ctx, work, kept, g, n, seed=visits_done)
