@@ -59,9 +59,8 @@ def search(
     **options: the other settings of :class:`~autoprune.config.SearchConfig` (``trials``, ``timeout``,
         ``finetune_steps``, ``seed``, ``criterion``, ``granularity``, ``ignore``, ``max_ratio``,
         ``distill``, ``bn_batches``, ``finetune_lr``, ``latency_batch``, ``energy_costs``, ``amp``, ``device``,
-        ``storage``
-        (an Optuna storage URL; in memory by default), ``study``), and the agent's own options by their
-        names (``warmup=10`` for AMC, as ``--amc-warmup 10`` on the command line).
+        ``storage`` (an Optuna storage URL; in memory by default), ``study``), and the agent's own options by
+        their names (``warmup=10`` for AMC, as ``--amc-warmup 10`` on the command line).
 
     Returns
     -------
