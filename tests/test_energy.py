@@ -153,7 +153,7 @@ def test_energy_agent_exports_a_feasible_policy_that_apply_rebuilds_channel_for_
     assert policy.metrics["energy"] == pytest.approx(energy)
     # the kept channels are recorded for every pruned group, and apply keeps exactly those
     pruned_groups = {g for g, r in policy.ratios.items() if r > 0}
-    assert pruned_groups and set(policy.keep) == pruned_groups
+    assert pruned_groups and policy.keep is not None and set(policy.keep) == pruned_groups
     study = optuna.load_study(study_name="resnet20-digits-energy-energy50", storage=storage)
     trials = [t for t in study.trials if "policy" in t.user_attrs]
     assert all("energy_visits" in t.user_attrs for t in trials)  # every pass is a recorded candidate
@@ -161,12 +161,18 @@ def test_energy_agent_exports_a_feasible_policy_that_apply_rebuilds_channel_for_
     visits = [v for t in trials for v in t.user_attrs["energy_visits"]]
     assert all(len(v["restored"]) == 1 for v in visits if v["removed"] >= 1)  # one restored per visit
 
-    base_model = build_model("resnet20", 1, 10, 8)
+    # no fine-tune was asked for, so apply's leading convs are the base model's rows and columns it kept
+    from autoprune.config import SourceConfig
+    from autoprune.runner import prepare
+
+    base_model = prepare(SourceConfig.from_info(policy.model), device="cpu", log=lambda m: None).model
     space = Space.from_model(base_model, torch.zeros(1, 1, 8, 8))
+    inputs = {layer.name: layer.in_groups for layer in space.layers()}
+    base_modules, pruned_modules = dict(base_model.named_modules()), dict(pruned.named_modules())
     for group, kept in policy.keep.items():
-        conv = dict(pruned.named_modules())[group]
-        assert conv.out_channels == len(kept)
-        assert len(kept) == space.by_name[group].channels - round(policy.ratios[group] * space.by_name[group].channels)
+        (source, _), = inputs[group]  # the group that sets the leading conv's input channels
+        columns = policy.keep.get(source, list(range(space.by_name[source].channels)))
+        assert torch.equal(pruned_modules[group].weight, base_modules[group].weight[kept][:, columns])
 
 
 # -- refused input --------------------------------------------------------------------------------
