@@ -114,22 +114,23 @@ def searched_and_applied(tmp_path, capsys, *argv):
 
 
 def test_search_under_an_energy_budget_exports_a_policy_whose_applied_model_keeps_within_it(tmp_path, capsys):
-    policy, pruned, base, storage = searched_and_applied(
-        tmp_path, capsys, "--agent", "sensitivity", "--sensitivity-ratios", "0.5,0.9")
+    # the default agent (sensitivity), scanning one ratio only
+    policy, pruned, base, storage = searched_and_applied(tmp_path, capsys, "--sensitivity-ratios", "0.9")
     energy = sum(measure_energy(pruned, torch.zeros(1, 1, 8, 8)).values())
     assert energy <= 0.5 * base
     assert policy.metrics["energy"] == pytest.approx(energy)  # what the study recorded is what apply rebuilds
     assert policy.metrics["energy_ratio"] == pytest.approx(energy / base)
     assert policy.metrics["base"]["energy"] == pytest.approx(base)
     assert policy.search["energy_costs"] == "mac=1,rf=1,pe=2,buffer=6,dram=200"
-    study = optuna.load_study(study_name="resnet20-digits-sensitivity-energy50", storage=storage)
+    study = optuna.load_study(study_name=policy.search["study"], storage=storage)
+    assert study.study_name.endswith("-energy50")
     assert study.user_attrs["config"]["budgets"] == {"energy": "50%"}
     trial = study.trials[policy.search["trial"]]
     assert trial.user_attrs["feasible"] and trial.user_attrs["energy_ratio"] <= 0.5
     assert sum(trial.user_attrs["energy_layers"].values()) == pytest.approx(trial.user_attrs["energy"])
 
     # the report: energy per layer, unpruned and best, and the totals
-    code = main(["report", "--study", "resnet20-digits-sensitivity-energy50", "--storage", storage,
+    code = main(["report", "--study", study.study_name, "--storage", storage,
                  "-o", str(tmp_path / "report")])
     capsys.readouterr()
     assert code == 0
@@ -146,8 +147,8 @@ def test_search_under_an_energy_budget_exports_a_policy_whose_applied_model_keep
 
 def test_energy_agent_exports_a_feasible_policy_that_apply_rebuilds_channel_for_channel(tmp_path, capsys):
     policy, pruned, base, storage = searched_and_applied(
-        tmp_path, capsys, "--agent", "energy", "--energy-step", "0.25", "--energy-restore", "1",
-        "--energy-local-steps", "2", "--energy-global-steps", "2")
+        tmp_path, capsys, "--agent", "energy", "--energy-step", "0.5", "--energy-restore", "1",
+        "--energy-restore-batches", "1", "--energy-local-steps", "2", "--energy-global-steps", "2")
     energy = sum(measure_energy(pruned, torch.zeros(1, 1, 8, 8)).values())
     assert energy <= 0.5 * base
     assert policy.metrics["energy"] == pytest.approx(energy)
