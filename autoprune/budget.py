@@ -213,6 +213,9 @@ class Budgets:
             raise ParameterError("max_ratio", max_ratio, "must lie in (0, 1)")
         self.evaluator = evaluator
         self.max_ratio = float(max_ratio)
+        if any(b.resource == "energy" for b in self.budgets) and evaluator.granularity != "channel":
+            raise ParameterError("granularity", evaluator.granularity, "an energy budget needs channel: masked "
+                                 "weights still move, and energy is modelled for removed channels only")
         self.latency = any(b.resource == "latency" for b in self.budgets)
         if self.latency:
             evaluator.latency = True  # the unpruned model's latency is then part of evaluator.base

@@ -270,3 +270,13 @@ def test_energy_agent_restores_the_low_magnitude_channel_the_loss_needs():
     _, removed, restored = agent.visit(ctx, ev.model, kept, "fc2", 1, seed=0)
     # the two smallest units (0 and 1) were candidates; unit 0's removal raises the loss most: it comes back
     assert restored == [0] and removed == [1] and kept == {"fc2": [0, 2, 3]}
+
+
+def test_an_energy_budget_on_a_masked_evaluator_is_refused(digits_task):
+    from autoprune.budget import Budgets, parse_budget
+    from autoprune.evaluator import Evaluator
+
+    ev = Evaluator(build_model("resnet20", 1, 10, 8), digits_task, device="cpu", granularity="2:4", bn_batches=0)
+    with pytest.raises(ParameterError, match="an energy budget needs channel"):
+        Budgets([parse_budget("energy", "50%")], ev)
+    assert "energy" not in ev.cost(ev.uniform(0.5))  # masked weights still move: no energy figure
