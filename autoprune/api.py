@@ -51,17 +51,17 @@ def search(
     task: what it is trained and judged on (:class:`~autoprune.task.Task`, e.g.
         :class:`~autoprune.task.LoaderTask`).
     budgets: what the pruned model may keep, by resource: ``{"flops": "50%"}``, ``{"params": "2x"}``,
-        ``{"latency": "3ms", "flops": 0.6}``; all must hold.
+        ``{"latency": "3ms", "flops": 0.6}``, ``{"energy": "50%"}`` (:mod:`autoprune.energy`); all must hold.
     agent: the search agent (``uniform``, ``random``, ``amc``, ``netadapt``, ``icepick``, ``gates``,
-        ``sensitivity``; :func:`autoprune.agents.list_agents`).
+        ``sensitivity``, ``energy``; :func:`autoprune.agents.list_agents`).
     reporter: progress callbacks (:class:`~autoprune.agents.Reporter`); silent by default.
     output: also write the best policy's JSON here.
     **options: the other settings of :class:`~autoprune.config.SearchConfig` (``trials``, ``timeout``,
         ``finetune_steps``, ``seed``, ``criterion``, ``reconstruct``, ``granularity``, ``ignore``, ``max_ratio``,
         ``distill``, ``bn_batches``, ``finetune_lr``, ``finetune_l1``, ``finetune_penalty``, ``latency_batch``,
-        ``amp``, ``device``, ``storage``
-        (an Optuna storage URL; in memory by default), ``study``), and the agent's own options by their
-        names (``warmup=10`` for AMC, as ``--amc-warmup 10`` on the command line).
+        ``energy_costs``, ``amp``, ``device``, ``storage`` (an Optuna storage URL; in memory by default),
+        ``study``), and the agent's own options by their names (``warmup=10`` for AMC, as ``--amc-warmup 10``
+        on the command line).
 
     Returns
     -------

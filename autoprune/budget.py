@@ -2,8 +2,9 @@
 
 A budget says how much of a resource the pruned model may *keep*: ``--budget-flops 50%`` keeps at
 most half of the original FLOPs (AMC's "50% FLOPs"). It is either a fraction of the unpruned model's
-value or an absolute amount (a count for FLOPs and params, a time for latency). A candidate is
-feasible when every budget holds, measured on the pruned model itself.
+value or an absolute amount (a count for FLOPs and params, MAC-equivalents for energy
+(:mod:`autoprune.energy`), a time for latency). A candidate is feasible when every budget holds,
+measured on the pruned model itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from autoprune.errors import InputError, ParameterError
 if TYPE_CHECKING:
     from autoprune.evaluator import Evaluator
 
-RESOURCES = ("flops", "params", "latency")
+RESOURCES = ("flops", "params", "latency", "energy")
 
 _COUNT_SUFFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _TIME_SUFFIX = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
@@ -96,8 +97,8 @@ def parse_budget(resource: str, text: str) -> Budget:
     in Python, ``--budget-flops`` on the command line) when it is not valid.
 
     Accepted: ``50%`` and ``0.5`` (fraction kept), ``2x`` (reduce by 2x, i.e. keep 50 %), and an
-    absolute amount: ``120M`` / ``3.5G`` / ``250000`` for FLOPs and params, ``3.2ms`` / ``800us`` /
-    ``0.01s`` for latency.
+    absolute amount: ``120M`` / ``3.5G`` / ``250000`` for FLOPs and params, MAC-equivalents such as
+    ``40M`` for energy, ``3.2ms`` / ``800us`` / ``0.01s`` for latency.
     """
     if resource not in RESOURCES:
         raise ParameterError("budgets", resource, f"unknown resource; choose from {', '.join(RESOURCES)}",
@@ -207,11 +208,14 @@ class Budgets:
     def __init__(self, budgets: Iterable[Budget], evaluator: Evaluator, max_ratio: float = 0.9) -> None:
         self.budgets = list(budgets)
         if not self.budgets:
-            raise InputError("give at least one budget: flops, params or latency (--budget-flops 50%, ...)")
+            raise InputError("give at least one budget: flops, params, latency or energy (--budget-flops 50%, ...)")
         if not 0.0 < max_ratio < 1.0:
             raise ParameterError("max_ratio", max_ratio, "must lie in (0, 1)")
         self.evaluator = evaluator
         self.max_ratio = float(max_ratio)
+        if any(b.resource == "energy" for b in self.budgets) and evaluator.granularity != "channel":
+            raise ParameterError("granularity", evaluator.granularity, "an energy budget needs channel: masked "
+                                 "weights still move, and energy is modelled for removed channels only")
         self.latency = any(b.resource == "latency" for b in self.budgets)
         if self.latency:
             evaluator.latency = True  # the unpruned model's latency is then part of evaluator.base

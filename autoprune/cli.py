@@ -61,6 +61,8 @@ def _add_search_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (
     p.add_argument("--budget-flops", metavar="X", help="FLOPs kept: 50%%, 0.5, 2x or an amount such as 120M")
     p.add_argument("--budget-params", metavar="X", help="parameters kept: 50%%, 0.5, 2x or an amount such as 1.2M")
     p.add_argument("--budget-latency", metavar="X", help="latency kept: 50%%, 2x or a time such as 3.2ms")
+    p.add_argument("--budget-energy", metavar="X", help="energy kept (autoprune.energy): 50%%, 2x or MAC-equivalents "
+                   "such as 40M")
     add_arguments(p, SearchConfig, exclude=exclude, defaults=defaults)
     add_agent_arguments(p)
 
@@ -230,6 +232,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
           f"{format_amount('flops', base)}), params{effective} {format_amount('params', result.params)}, "
           f"validation {result.metric} {format_metric(result.metric, result.score)} after "
           f"{result.finetune_steps} fine-tune steps")
+    if result.energy is not None:
+        print(f"energy {format_amount('energy', result.energy)} MAC-equivalents "
+              f"({result.energy / evaluator.energy.base:.1%} of {format_amount('energy', evaluator.energy.base)}; "
+              f"costs {evaluator.energy.costs.text()})")
     if result.flops_dense is not None:
         print(f"{policy.granularity} masks: dense FLOPs {format_amount('flops', result.flops_dense)}, dense params "
               f"{format_amount('params', result.params_dense)} (kept in weight_orig and weight_mask; "

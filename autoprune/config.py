@@ -122,7 +122,8 @@ class SearchConfig(_Config):
     ``--budget-flops 50%``; an agent option ``agent_options={"warmup": 10}`` is ``--amc-warmup 10``)."""
 
     agent: str = setting(DEFAULT_AGENT, "search agent (see `autoprune agents`)", metavar="NAME", kind=str)
-    budgets: dict[str, Any] = setting({}, "what the pruned model may keep, by resource: flops, params, latency",
+    budgets: dict[str, Any] = setting({}, "what the pruned model may keep, by resource: flops, params, latency, "
+                                      "energy",
                                       flag=False)
     trials: int | None = setting(None, "candidates to evaluate (default: the agent's)", metavar="N", low=1, kind=int)
     timeout: float | None = setting(None, "stop proposing candidates after this many seconds", metavar="SECONDS",
@@ -154,6 +155,9 @@ class SearchConfig(_Config):
                                     "the L2 norms of output channels)", choices=("l1", "group"), kind=str)
     latency_batch: int = setting(1, "samples per timed forward pass for latency (1: one input's latency)",
                                  metavar="N", low=1, kind=int)
+    energy_costs: str = setting("mac=1,rf=1,pe=2,buffer=6,dram=200", "energy of a MAC and of one access to the "
+                                "register file, inter-PE network, global buffer and DRAM (Eyeriss's, relative to a "
+                                "MAC; see autoprune.energy); keys not given keep these", metavar="K=V[,K=V...]")
     amp: str = setting("auto", "bf16 autocast on CUDA: auto (where timing shows it pays), on or off",
                        choices=("auto", "on", "off"), kind=str)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda", metavar="DEVICE", kind=str)
@@ -194,8 +198,14 @@ class SearchConfig(_Config):
         parsed = parse_budgets(self.budgets)
         if not parsed:
             raise InputError("give at least one budget: budgets={'flops': '50%'} (--budget-flops 50%), "
-                             "params or latency")
+                             "params, latency or energy")
         object.__setattr__(self, "budgets", {b.resource: self.budgets[b.resource] for b in parsed})
+        from autoprune.energy import EnergyCosts
+
+        object.__setattr__(self, "energy_costs", EnergyCosts.parse(self.energy_costs).text())
+        if "energy" in self.budgets and granularity != "channel":
+            raise ParameterError("granularity", granularity, "an energy budget needs channel: masked weights still "
+                                 "move, and energy is modelled for removed channels only")
         if not isinstance(self.agent_options, Mapping):
             raise ParameterError("agent_options", self.agent_options, "must be a mapping of option names to values")
         # the agent checks its options (and fills in its defaults): the same rules as its flags
@@ -353,7 +363,9 @@ def agent_options_given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def budgets_given(args: argparse.Namespace) -> dict[str, str]:
-    return {r: getattr(args, f"budget_{r}") for r in ("flops", "params", "latency")
+    from autoprune.budget import RESOURCES
+
+    return {r: getattr(args, f"budget_{r}") for r in RESOURCES
             if getattr(args, f"budget_{r}", None) is not None}
 
 

@@ -17,6 +17,9 @@ The policy's granularity picks the pruner: channel removal (:class:`~autoprune.p
 or weight masks for ``unstructured`` and ``N:M`` (:class:`~autoprune.pruning.MaskPruner`). For masked
 models ``flops`` and ``params`` are the *effective* figures (only the weights the masks keep), which
 budgets are judged on; ``flops_dense`` and ``params_dense`` keep the dense ones (the shapes, unchanged).
+
+Energy (:mod:`autoprune.energy`, MAC-equivalents) is predicted with FLOPs and measured on every
+channel-pruned model, in total and per layer; masked models have none (their masked weights still move).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from autoprune.cost import count_flops, count_params, measure_latency
+from autoprune.energy import EnergyCosts, EnergyModel, measure_energy, total
 from autoprune.errors import CandidateError, InputError, ParameterError
 from autoprune.policy import Policy, parse_granularity, snap_ratio
 from autoprune.pruning import ChannelPruner, MaskPruner
@@ -86,6 +90,8 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     flops_dense: int | None = None  # masked granularities: the dense figures (flops/params are effective)
     params_dense: int | None = None
+    energy: float | None = None  # MAC-equivalents (autoprune.energy); None for a masked model
+    energy_layers: dict[str, float] | None = None  # the same, by conv/linear layer
 
     @property
     def loss(self) -> float:
@@ -99,6 +105,8 @@ class Evaluation:
         out = {"flops": float(self.flops), "params": float(self.params)}
         if self.latency is not None:
             out["latency"] = float(self.latency)
+        if self.energy is not None:
+            out["energy"] = float(self.energy)
         return out
 
 
@@ -139,6 +147,9 @@ class Evaluator:
         cores, while small ones are bound by kernel launches, which autocast's casts add to (ResNet-20 on
         the 8x8 default: 18 % slower with it on an H100). Never on the CPU. The chosen value is
         recorded with the search, so ``apply`` and workers reuse it.
+    energy_costs: energy of a MAC and of an access at each memory level
+        (:class:`~autoprune.energy.EnergyCosts`, its text such as ``"rf=1,pe=2,buffer=6,dram=200"`` or a
+        mapping; default Eyeriss's).
     model_info: metadata stamped into every policy (model name, task, shapes).
     """
 
@@ -164,6 +175,7 @@ class Evaluator:
         latency_batch: int = 1,
         seed: int = 0,
         amp: bool | str = "auto",
+        energy_costs: str | Mapping[str, float] | EnergyCosts | None = None,
         model_info: Mapping[str, Any] | None = None,
     ) -> None:
         self.device = resolve_device(device)
@@ -197,6 +209,7 @@ class Evaluator:
         self.amp = bool(amp) if amp != "auto" else False
         self.example_inputs = self.task.example_inputs
         self.space = Space.from_model(self.model, self.example_inputs, ignore=ignore)
+        self.energy = EnergyModel(self.space, EnergyCosts.parse(energy_costs))
         self.pruner = ChannelPruner(self.space, calibration=self.calibration, seed=seed, task=self.task)
         self._mask_pruner: MaskPruner | None = None
         self.model_info = dict(model_info or {})
@@ -236,7 +249,8 @@ class Evaluator:
     @property
     def base(self) -> dict[str, float]:
         """The unpruned model's resources (latency included only when measured)."""
-        out = {"flops": float(self.space.base_flops), "params": float(self.space.base_params)}
+        out = {"flops": float(self.space.base_flops), "params": float(self.space.base_params),
+               "energy": float(self.energy.base)}
         if self.latency:
             out["latency"] = self.baseline().latency
         return out
@@ -254,6 +268,7 @@ class Evaluator:
             self._baseline[split] = Evaluation(
                 metrics[self.metric], self.space.base_flops, self.space.base_params, lat,
                 time.perf_counter() - t0, 0, split, self.metric, metrics,
+                energy=self.energy.base, energy_layers=dict(self.energy.base_layers),
             )
         return self._baseline[split]
 
@@ -285,14 +300,19 @@ class Evaluator:
         return self.policy(dict.fromkeys(self.space.names, ratio), **kw)
 
     def cost(self, policy: Policy | Mapping[str, float], latency: bool | None = None) -> dict[str, float]:
-        """Predicted FLOPs and params (exact for conv/linear/norm layers); latency measured if asked.
+        """Predicted FLOPs, params and energy (exact for conv/linear/norm layers); latency measured if asked.
 
         Plain ratios are read in the evaluator's granularity. Masked granularities give the effective
-        ``flops`` and ``params`` (N:M ratios snapped) and the dense ``flops_dense`` / ``params_dense``.
+        ``flops`` and ``params`` (N:M ratios snapped) and the dense ``flops_dense`` / ``params_dense``,
+        and no energy.
         """
         ratios = policy.ratios if isinstance(policy, Policy) else policy
         granularity = policy.granularity if isinstance(policy, Policy) else self.granularity
-        out = self.space.cost(ratios) if granularity == "channel" else self.mask_pruner.cost(ratios, granularity)
+        if granularity == "channel":
+            out = self.space.cost(ratios)
+            out["energy"] = self.energy.predict(ratios)
+        else:
+            out = self.mask_pruner.cost(ratios, granularity)
         if self.latency if latency is None else latency:
             pol = policy if isinstance(policy, Policy) else self.policy(ratios)
             pol = dataclasses.replace(pol, reconstruct=False)  # the refit changes weights, not shapes or latency
@@ -337,11 +357,14 @@ class Evaluator:
         metrics = self.metrics_of(model, split)
         lat = self.latency_of(model) if self.latency else None
         flops, params = count_flops(model, self.example_inputs), count_params(model)
-        dense: dict[str, int] = {}
+        extra: dict[str, Any] = {}
         if is_masked(model):
-            dense = {"flops_dense": flops, "params_dense": params}
+            extra = {"flops_dense": flops, "params_dense": params}
             flops = count_flops(model, self.example_inputs, effective=True)
             params = count_params(model, effective=True)
+        else:
+            layers = measure_energy(model, self.example_inputs, self.energy.costs)
+            extra = {"energy": total(layers), "energy_layers": layers}
         return Evaluation(
             score=metrics[self.metric],
             flops=flops,
@@ -352,7 +375,7 @@ class Evaluator:
             split=split,
             metric=self.metric,
             metrics=metrics,
-            **dense,
+            **extra,
         )
 
     def metrics_of(self, model: nn.Module, split: str = "val") -> dict[str, float]:

@@ -73,7 +73,7 @@ def _ratio(pruned: float | None, base: float | None) -> str:
 
 
 def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
-    """Unpruned vs best: the task's objective, FLOPs (MACs), params, latency, with the kept fraction."""
+    """Unpruned vs best: the task's objective, FLOPs (MACs), params, energy, latency, with the kept fraction."""
     st = outcome.study
     title = (f"study {st.study_name}: {outcome.new_trials} new trial(s) in {outcome.seconds:.1f} s, "
              f"budget {', '.join(str(b) for b in budgets)}")
@@ -106,6 +106,9 @@ def print_summary(console: Console, outcome, budgets: list[Budget]) -> None:
     if masked:
         table.add_row("params, dense", format_amount("params", base_val.params),
                       format_amount("params", best.params_dense), _ratio(best.params_dense, base_val.params))
+    if base_val.energy is not None and best.energy is not None:
+        table.add_row("energy (MAC-equivalents)", format_amount("energy", base_val.energy),
+                      format_amount("energy", best.energy), _ratio(best.energy, base_val.energy))
     b_lat = base_test.latency if base_test is not None else base_val.latency
     p_lat = best_test.latency if best_test is not None else best.latency
     if b_lat is not None and p_lat is not None:
@@ -291,9 +294,9 @@ def sensitivity_plot(study, storage: str, path):
 
 def write_report(study, storage: str, out_dir) -> list:
     """Write ``<metric>_vs_flops.png`` (``accuracy_vs_flops.png`` for a classifier), ``ratios.png``,
-    ``agents.png`` (when several agents' studies
-    share the model and budget), ``sensitivity.png`` (for a sensitivity search or scan) and ``index.html``
-    into ``out_dir``; return the files written."""
+    ``energy.png`` (energy per layer, unpruned and best; the page lists it with the total), ``agents.png``
+    (when several agents' studies share the model and budget), ``sensitivity.png`` (for a sensitivity search
+    or scan) and ``index.html`` into ``out_dir``; return the files written."""
     import html
     import json
     from pathlib import Path
@@ -361,6 +364,19 @@ def write_report(study, storage: str, out_dir) -> list:
         written.append(_finish(fig, ax, out / "ratios.png", None, "fraction of channels removed",
                                "per-group ratios"))
 
+    energy = energy_table(study, best)
+    if energy is not None:
+        rows_e, _ = energy
+        names = [name for name, _, _ in rows_e]
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4.5))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [unpruned or 0.0 for _, unpruned, _ in rows_e], 0.4, label="unpruned")
+        ax.bar([x + 0.2 for x in xs], [pruned for _, _, pruned in rows_e], 0.4,
+               label=f"best ({best.search.get('agent')})")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+        written.append(_finish(fig, ax, out / "energy.png", None, "energy (MAC-equivalents)", "energy per layer"))
+
     sensitivity = sensitivity_plot(study, storage, out / "sensitivity.png")
     if sensitivity is not None:
         written.append(sensitivity)
@@ -394,6 +410,20 @@ def write_report(study, storage: str, out_dir) -> list:
                      f"<tr><th>params kept</th><td>{m['params_ratio']:.1%}</td></tr></table>")
     for f in written:
         parts.append(f"<h2>{f.stem.replace('_', ' ')}</h2><img src='{f.name}' style='max-width:100%'>")
+    if energy is not None:
+        rows_e, costs = energy
+        cell = lambda v: format_amount("energy", v) if v is not None else "-"  # noqa: E731
+        parts.append(f"<h2>Energy per layer</h2><p>MAC-equivalents per sample (autoprune.energy; costs "
+                     f"{html.escape(costs)})</p><table><tr><th>layer</th><th>unpruned</th><th>best pruned</th>"
+                     "<th>kept</th></tr>")
+        for name, unpruned, pruned in rows_e:
+            parts.append(f"<tr><td>{html.escape(name)}</td><td>{cell(unpruned)}</td><td>{cell(pruned)}</td>"
+                         f"<td>{_ratio(pruned, unpruned)}</td></tr>")
+        known = [unpruned for _, unpruned, _ in rows_e if unpruned is not None]
+        base_total = sum(known) if len(known) == len(rows_e) else None
+        best_total = sum(pruned for _, _, pruned in rows_e)
+        parts.append(f"<tr><th>total</th><th>{cell(base_total)}</th><th>{cell(best_total)}</th>"
+                     f"<th>{_ratio(best_total, base_total)}</th></tr></table>")
     if table_rows:
         parts.append("<h2>Agents</h2><table><tr><th>agent</th><th>study</th><th>trials</th>"
                      f"<th>best feasible {html.escape(metric)}</th><th>its FLOPs kept</th></tr>")
@@ -407,6 +437,18 @@ def write_report(study, storage: str, out_dir) -> list:
     (out / "index.html").write_text("\n".join(parts))
     written.append(out / "index.html")
     return written
+
+
+def energy_table(study, best) -> tuple[list[tuple[str, float | None, float]], str] | None:
+    """``([(layer, unpruned energy, best policy's energy), ...], costs)`` from what the study recorded
+    (MAC-equivalents per sample, :mod:`autoprune.energy`); None when the best policy carries no energy
+    (a masked granularity, or a study of an earlier version)."""
+    if best is None or not best.metrics.get("energy_layers"):
+        return None
+    base = study.user_attrs.get("base", {}).get("energy_layers") or {}
+    layers = best.metrics["energy_layers"]
+    costs = _config(study).get("energy_costs") or "default"
+    return [(name, base.get(name), float(value)) for name, value in layers.items()], str(costs)
 
 
 def _fraction(text) -> float | None:

@@ -119,7 +119,8 @@ def model_info(model: nn.Module, task: Task, info: Mapping[str, Any] | None = No
 
 # the settings of a search the evaluator takes (as SearchConfig names them), recorded with every policy
 EVALUATOR_SETTINGS = ("criterion", "granularity", "criterion_batches", "ignore", "bn_batches", "finetune_lr",
-                      "distill", "latency_batch", "seed", "finetune_l1", "finetune_penalty", "reconstruct")
+                      "distill", "latency_batch", "seed", "finetune_l1", "finetune_penalty", "reconstruct",
+                      "energy_costs")
 
 
 def make_evaluator(model: nn.Module, task: Task, settings: Mapping[str, Any], *, device: str = "auto",
@@ -224,7 +225,7 @@ def run_search(
         if config.granularity != "channel":  # N:M leaves these dense (input dimension not a multiple of M)
             recorded["dense_layers"] = evaluator.mask_pruner.dense_layers(config.granularity)
         base = {**budgets.base, "score": baseline_val.score, "metric": task.metric,
-                **{k: v for k, v in baseline_val.metrics.items()}}
+                **{k: v for k, v in baseline_val.metrics.items()}, "energy_layers": baseline_val.energy_layers}
         set_study_info(st, model=info, base=base, config=recorded, uniform_ratio=_uniform_ratio(budgets))
     t0 = time.perf_counter()
     before = Limits.done(st)

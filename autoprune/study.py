@@ -52,7 +52,8 @@ GRACE_BEATS = 3
 # attribute names the recording itself uses: a task metric with one of these names is stored as metric_<name>
 RESERVED_ATTRS = frozenset({"agent", "metric", "score", "metrics", "flops", "params", "latency", "flops_ratio",
                             "params_ratio", "latency_ratio", "feasible", "finetune_steps",
-                            "seconds", "split", "policy", "flops_dense", "params_dense", "fail_reason"})
+                            "seconds", "split", "policy", "flops_dense", "params_dense", "fail_reason",
+                            "energy", "energy_ratio", "energy_layers"})
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("optuna").propagate = False
@@ -150,6 +151,11 @@ def trial_attrs(policy: Policy, result: Evaluation, *, agent: str, feasible: boo
     if result.flops_dense is not None:  # a masked granularity: flops/params above are the effective ones
         attrs["flops_dense"] = result.flops_dense
         attrs["params_dense"] = result.params_dense
+    if result.energy is not None:  # MAC-equivalents (autoprune.energy), in total and per layer
+        attrs["energy"] = result.energy
+        attrs["energy_layers"] = dict(result.energy_layers or {})
+        if base.get("energy"):
+            attrs["energy_ratio"] = result.energy / base["energy"]
     return attrs
 
 
@@ -188,6 +194,7 @@ def evaluation_of(trial: FrozenTrial) -> Evaluation:
         seconds=a["seconds"], finetune_steps=a["finetune_steps"], split=a.get("split", "val"), metric=metric,
         metrics={k: (float(v) if v is not None else math.nan) for k, v in metrics.items()},
         flops_dense=a.get("flops_dense"), params_dense=a.get("params_dense"),
+        energy=a.get("energy"), energy_layers=a.get("energy_layers"),
     )
 
 
@@ -211,7 +218,7 @@ def best_policy(study: optuna.Study) -> Policy:
         "latency": a.get("latency"),
         "flops_ratio": a["flops_ratio"],
         "params_ratio": a["params_ratio"],
-        **{k: a[k] for k in ("flops_dense", "params_dense") if k in a},
+        **{k: a[k] for k in ("flops_dense", "params_dense", "energy", "energy_ratio", "energy_layers") if k in a},
         "base": info.get("base", {}),
         **{k: v for k, v in a.items() if k.startswith("final_")},
     }

@@ -36,7 +36,7 @@ def refused(capsys, *argv):
         (["--budget-flops", "0%"], "--budget-flops 0%: outside (0, 100%]: a budget keeps part of the original model"),
         (["--budget-flops", "50"], "--budget-flops 50: ambiguous: write 50% for a percentage or add a unit (K, M, G)"),
         (["--budget-latency", "3M"], "--budget-latency 3M: a latency needs a unit (s, ms or us) or %; "),
-        ([], "give at least one budget: budgets={'flops': '50%'} (--budget-flops 50%), params or latency"),
+        ([], "give at least one budget: budgets={'flops': '50%'} (--budget-flops 50%), params, latency or energy"),
         (["--budget-flops", "50%", "--max-ratio", "1"], "--max-ratio 1: must be a number > 0 and < 1"),
         (["--budget-flops", "50%", "--criterion", "magic"],
          "--criterion magic: unknown criterion; choose from l1, l2, bn-scale, taylor, hessian, apoz, entropy, "

@@ -1,6 +1,6 @@
 """Search agents. Each module implements one method; all share :mod:`autoprune.agents.base`."""
 
-from autoprune.agents import amc, gates, icepick, netadapt, random, sensitivity, uniform  # noqa: F401  (registers the built-in agents)
+from autoprune.agents import amc, energy, gates, icepick, netadapt, random, sensitivity, uniform  # noqa: F401  (registers the built-in agents)
 from autoprune.agents.base import (
     AGENTS,
     Agent,
