@@ -28,6 +28,7 @@ from autoprune.budget import Budgets, parse_budget
 from autoprune.config import SearchConfig, SourceConfig
 from autoprune.pruning.criteria import CRITERIA
 from autoprune.runner import make_evaluator, prepare
+from autoprune.training import PENALTIES
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--pretrain-steps", type=int, default=500, help="of the cached pretrained model")
     p.add_argument("--finetune-l1", type=float, default=0.0)
-    p.add_argument("--finetune-penalty", default="l1", choices=("l1", "group"))
+    p.add_argument("--finetune-penalty", default="l1", choices=PENALTIES)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -26,11 +26,12 @@ model, without modifying it. Without calibration batches these criteria raise :c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -177,23 +178,8 @@ class Statistics:
                 pooled[module].append(a.flatten(2).mean(2) if a.dim() > 2 else a)
                 peaks[module].append(a.flatten(2).amax(2) if a.dim() > 2 else a)
 
-            handles = [m.register_forward_hook(hook) for m in sources]
-            modes = {m: m.training for m in model.modules()}
-            model.eval()
-            try:
-                n = 0
-                with torch.no_grad():
-                    for batch in batches:
-                        self._forward(model, batch)
-                        labels.append(class_labels(batch))
-                        n += 1
-            finally:
-                for h in handles:
-                    h.remove()
-                for m, training in modes.items():
-                    m.training = training
-            if n == 0:
-                raise InputError(f"criterion {criterion!r}: the calibration gave no batches")
+            self._run(criterion, batches, dict.fromkeys(sources, hook),
+                      on_batch=lambda batch: labels.append(class_labels(batch)))
             self._activations = {
                 m: (zeros[m] / seen[m], torch.cat(pooled[m])) for m in sources if m in zeros
             }
@@ -201,6 +187,22 @@ class Statistics:
             problem = next((y for y in labels if isinstance(y, str)), None)
             self._labels = problem if problem is not None else torch.cat(labels)
         return self._activations
+
+    def _run(self, criterion: str, batches: Iterable[Batch], hooks: dict[nn.Module, Callable],
+             on_batch: Callable[[Batch], None] | None = None) -> None:
+        """Run the base model over ``batches`` in eval mode without autograd, with forward ``hooks``
+        (module -> ``hook(module, inputs, output)``), calling ``on_batch`` after each batch; refuses an
+        empty calibration."""
+        model = self.space.model
+        n = 0
+        with hooked(model, hooks):
+            for batch in batches:
+                self._forward(model, batch)
+                if on_batch is not None:
+                    on_batch(batch)
+                n += 1
+        if n == 0:
+            raise InputError(f"criterion {criterion!r}: the calibration gave no batches")
 
     def fire_scores(self, criterion: str) -> dict[nn.Module, torch.Tensor]:
         """Per activation source (as :meth:`activations` reads them): the fire score of every channel
@@ -246,24 +248,26 @@ class Statistics:
                     reads[module].append(pool(module, x))
                     writes[module].append(pool(module, output))
 
-            handles = [m.register_forward_hook(hook) for m in layers]
-            modes = {m: m.training for m in model.modules()}
-            model.eval()
-            try:
-                n = 0
-                with torch.no_grad():
-                    for batch in batches:
-                        self._forward(model, batch)
-                        n += 1
-            finally:
-                for h in handles:
-                    h.remove()
-                for m, training in modes.items():
-                    m.training = training
-            if n == 0:
-                raise InputError(f"criterion {criterion!r}: the calibration gave no batches")
+            self._run(criterion, batches, dict.fromkeys(layers, hook))
             self._connections = {m: (torch.cat(reads[m]), torch.cat(writes[m])) for m in layers if reads[m]}
         return self._connections
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, hooks: dict[nn.Module, Callable], *, pre: bool = False) -> Iterator[None]:
+    """Within the block: ``model`` in eval mode without autograd, with ``hooks`` (module -> hook) registered
+    as forward hooks (``pre``: forward pre-hooks); its modes restored and the hooks removed afterwards."""
+    handles = [m.register_forward_pre_hook(fn) if pre else m.register_forward_hook(fn) for m, fn in hooks.items()]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
 
 
 def class_labels(batch) -> torch.Tensor | str:

@@ -48,9 +48,8 @@ consumer only.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import InputError
-from autoprune.pruning.criteria import Member, Statistics, members
+from autoprune.pruning.criteria import Member, Statistics, hooked, members
 
 if TYPE_CHECKING:
     from autoprune.pruning.criteria import Criterion
@@ -125,23 +124,6 @@ def _at(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return rows.gather(1, idx.unsqueeze(-1).expand(-1, -1, rows.shape[-1])).reshape(-1, rows.shape[-1])
 
 
-@contextlib.contextmanager
-def _hooked(model: nn.Module, hooks: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Within the block: ``model`` in eval mode with forward pre-hooks ``hooks`` (module -> ``hook(module,
-    args)``); its modes restored and the hooks removed afterwards."""
-    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-
-
 def _run(stats: Statistics, model: nn.Module, what: str, hooks: dict[nn.Module, Callable],
          stop: type[Exception] | None = None) -> None:
     """Run ``model`` over the calibration batches without autograd, in eval mode, with ``hooks`` (module ->
@@ -149,7 +131,8 @@ def _run(stats: Statistics, model: nn.Module, what: str, hooks: dict[nn.Module, 
     batch's forward pass there."""
     state = {"batch": 0}
     n = 0
-    with _hooked(model, {m: (lambda mod, args, fn=fn: fn(mod, args[0], state["batch"])) for m, fn in hooks.items()}):
+    with hooked(model, {m: (lambda mod, args, fn=fn: fn(mod, args[0], state["batch"])) for m, fn in hooks.items()},
+                pre=True):
         for i, batch in enumerate(_calibration(stats, what)):
             state["batch"] = i
             try:
@@ -289,7 +272,8 @@ def forward_order(stats: Statistics, model: nn.Module, modules: list[nn.Module])
     first = next(iter(_calibration(stats, "reconstruct")), None)
     if first is None:
         raise InputError("reconstruct: the calibration gave no batches")
-    with _hooked(model, {m: (lambda mod, args: seen.append(mod) if mod not in seen else None) for m in modules}):
+    with hooked(model, {m: (lambda mod, args: seen.append(mod) if mod not in seen else None) for m in modules},
+                pre=True):
         stats._forward(model, first)
     return seen + [m for m in modules if m not in seen]
 
