@@ -373,6 +373,9 @@ def main() -> None:
     if args.latency_batch < 1:
         fail(f"--latency-batch {args.latency_batch}: must be an integer >= 1")
     options = options_of(args.option)
+    unknown = sorted(set(m.strip() for m in args.match.split(",") if m.strip()) - {"latency", "flops"})
+    if unknown:
+        fail(f"--match {unknown[0]}: choose from latency, flops")
     agents = [a for a in args.agents.split(",") if a]
     methods = [m for m in args.flops_methods.split(",") if m]
     # every agent name and option checked before anything runs, named as this script's flags name them
@@ -421,12 +424,12 @@ def main() -> None:
             f"{judge.space.base_flops}: the rest is outside them")
     print(part1_report(shares, sweeps, errors, title))
     for b in batches:
-        most = sweeps[b][-1]
+        floor = sweeps[b][-1]
         budget = parse_budget("latency", args.budget_latency)
         note = "" if budget.fraction is None else (
-            " — within" if most["measured"] <= budget.fraction else " — beyond") + f" reach of {args.budget_latency}"
+            " — within" if floor["measured"] <= budget.fraction else " — beyond") + f" reach of {args.budget_latency}"
         print(f"\nBatch {b}: the unpruned model takes {shares[b]['measured'] * 1e3:.3g} ms; uniform "
-              f"{most['ratio']:g} keeps {most['flops']:.1%} of the FLOPs and {most['measured']:.1%} of the "
+              f"{floor['ratio']:g} keeps {floor['flops']:.1%} of the FLOPs and {floor['measured']:.1%} of the "
               f"latency{note}; the table's fixed rest alone is {shares[b]['fixed'] / shares[b]['total']:.1%}.")
     plot(shares, sweeps, [], args.latency_batch, out / "latency_vs_flops.png", title)
     log(f"wrote {out / 'latency_vs_flops.png'}")
@@ -459,7 +462,8 @@ def main() -> None:
                     "scoring the latter")
             target = {n: float(r) for n, r in ended.items()}
         f0 = judge.space.flops(target) / judge.space.base_flops
-        final = final_score(judge, outcome, target, f"{agent}|latency{args.budget_latency}|b{args.latency_batch}",
+        final = final_score(judge, outcome, target,
+                            f"{agent}|latency{args.budget_latency}|b{args.latency_batch}|s{args.seed}",
                             results, results_path, args.final_steps)
         rows.append({"method": f"**{label}**", "budget": f"latency {args.budget_latency}", "ratios": target,
                      "test": final["test"], "flops": final["flops"], "search": secs, "anchor": True})
@@ -478,7 +482,7 @@ def main() -> None:
                 if m.get("outcome") is None:
                     rows.append({"method": label, "budget": f"FLOPs {m['budget']}", "why": m.get("why", "")})
                     continue
-                key = f"{method}|flops{m['budget'].split(',')[0]}"
+                key = f"{method}|flops{m['budget'].split(',')[0]}|s{args.seed}"
                 final = final_score(judge, m["outcome"], m["ratios"], key, results, results_path, args.final_steps)
                 rows.append({"method": label, "budget": f"FLOPs {m['budget']}", "ratios": m["ratios"],
                              "test": final["test"], "flops": final["flops"], "search": m.get("seconds"),
