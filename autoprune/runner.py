@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,10 @@ def _with_latency(evaluator: Evaluator, result: Evaluation, model: nn.Module) ->
     return replace(result, latency=evaluator.latency_of(model))
 
 
+# search settings that change the score of a candidate, not only how it is found: a resumed study keeps them
+SCORED_WITH = ("criterion", "criterion_batches", "finetune_lr", "finetune_l1", "finetune_penalty")
+
+
 def _check_same_search(st, info: Mapping[str, Any], evaluator: Evaluator, config: SearchConfig) -> None:
     """A study resumes only with the model, granularity, refit, latency batch, agent and options it was searched
     with: an agent that picks up its own trials (NetAdapt's iterations, AMC's episodes) would otherwise
@@ -306,6 +310,12 @@ def _check_same_search(st, info: Mapping[str, Any], evaluator: Evaluator, config
     if "latency" in (before.get("budgets") or {}) and evaluator.latency_batch != before.get("latency_batch", 1):
         raise ParameterError("latency_batch", evaluator.latency_batch, f"study {st.study_name!r} timed latency at "
                              f"batch {before.get('latency_batch', 1)}; use that, or another study name")
+    defaults = {f.name: f.default for f in fields(SearchConfig)}
+    for k in SCORED_WITH:  # what a recorded trial's score depends on besides the policy
+        was = before.get(k, defaults[k])
+        if was != getattr(config, k):
+            raise ParameterError(k, getattr(config, k), f"study {st.study_name!r} was searched with {k}={was!r}; "
+                                 "give the same to resume it, or another study name")
     if "agent_options" not in before:
         return
     if before.get("agent") != config.agent:

@@ -376,6 +376,19 @@ def test_a_study_resumes_only_with_the_refit_it_was_searched_with(trained_resnet
         autoprune.search(trained_resnet20, task, {"flops": "85%"}, reconstruct=True, **kw)
 
 
+@pytest.mark.parametrize("setting, value, was", [("criterion", "taylor", "'l1'"), ("finetune_lr", 0.05, "0.01"),
+                                                 ("finetune_l1", 1e-4, "0.0")])
+def test_a_study_resumes_only_with_the_criterion_and_fine_tune_it_was_scored_with(trained_resnet20, task, tmp_path,
+                                                                                  setting, value, was):
+    kw = dict(agent="uniform", device="cpu", bn_batches=1, criterion_batches=1, storage=f"sqlite:///{tmp_path}/s.db",
+              study="s", ignore=["layer1.*", "layer2.*"])
+    autoprune.search(trained_resnet20, task, {"flops": "85%"}, **kw)
+    with pytest.raises(ParameterError, match=rf"^{setting}={value!r}: study 's' was searched with {setting}={was}; "
+                       "give the same to resume it"):
+        autoprune.search(trained_resnet20, task, {"flops": "85%"}, **{setting: value}, **kw)
+    autoprune.search(trained_resnet20, task, {"flops": "85%"}, **kw)  # the same settings resume
+
+
 def test_apply_without_a_task_refuses_a_refitted_policy(trained_resnet20):
     policy = Policy({"layer1.0.conv1": 0.5}, reconstruct=True, model={"in_channels": 1, "image_size": 8})
     names = Space.from_model(trained_resnet20, torch.zeros(1, 1, 8, 8)).names
