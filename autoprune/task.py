@@ -223,16 +223,23 @@ class ImageClassificationTask(Task):
     ----------
     data: the dataset's train / val / test splits.
     batch_size: samples per training batch (fine-tune, recalibration, criteria).
-    eval_batch_size: samples per scoring batch.
+    eval_batch_size: samples per scoring batch (None: ``EVAL_BATCH_SIZE``, 1000, on an accelerator and
+        ``CPU_EVAL_BATCH_SIZE``, 128, on the CPU, where large batches spill the caches: a validation pass
+        over Fashion-MNIST's 6000 images with ResNet-20 on one thread took 6.8 s in batches of 1000 and
+        4.1 s in batches of 128).
     device: where the splits and batches live (the evaluator moves the task to its own device).
     """
 
     metric = "accuracy"
     direction = "maximize"
+    EVAL_BATCH_SIZE = 1000
+    CPU_EVAL_BATCH_SIZE = 128
 
-    def __init__(self, data, *, batch_size: int = 128, eval_batch_size: int = 1000,
+    def __init__(self, data, *, batch_size: int = 128, eval_batch_size: int | None = None,
                  device: torch.device | str = "cpu") -> None:
         for label, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is None and label == "eval_batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{label} must be a positive integer, got {value!r}")
         self.data = data
@@ -261,8 +268,15 @@ class ImageClassificationTask(Task):
     def loss(self, output: Any, batch: Any) -> torch.Tensor:
         return F.cross_entropy(primary(output), batch[1])
 
+    @property
+    def scoring_batch_size(self) -> int:
+        """Samples per scoring batch on the task's device (``eval_batch_size``, or its default there)."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return self.CPU_EVAL_BATCH_SIZE if self.device.type == "cpu" else self.EVAL_BATCH_SIZE
+
     def score(self, model: nn.Module, split: str = "val") -> dict[str, float]:
-        loader = self.data.loader(split, self.eval_batch_size, self.device)
+        loader = self.data.loader(split, self.scoring_batch_size, self.device)
         return classification_metrics(model, loader, device=self.device)
 
     def has_split(self, split: str) -> bool:

@@ -476,3 +476,24 @@ def test_cpu_batches_are_channels_last_with_the_same_values():
     n, c, h, w = x.shape
     assert x.stride() == (h * w * c, 1, w * c, c) and x0.stride() == (c * h * w, h * w, w, 1)
     assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_scoring_on_the_cpu_reads_small_batches_with_the_same_result(digits):
+    """Large scoring batches spill a CPU's caches: there the validation split is scored 128 images at a
+    time unless eval_batch_size says otherwise; on an accelerator 1000 at a time."""
+    from autoprune.task import ImageClassificationTask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    sizes = []
+    model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
+    default = ImageClassificationTask(digits).score(model, "val")
+    assert len(digits.val) > 128 and max(sizes) == 128 and sum(sizes) == len(digits.val)
+    sizes.clear()
+    asked = ImageClassificationTask(digits, eval_batch_size=1000).score(model, "val")
+    assert sizes == [len(digits.val)]
+    assert default["accuracy"] == asked["accuracy"] and default["loss"] == pytest.approx(asked["loss"], rel=1e-5)
+    assert ImageClassificationTask(digits, device="meta").scoring_batch_size == 1000
+    assert ImageClassificationTask(digits, device="meta").to("cpu").scoring_batch_size == 128
+    with pytest.raises(InputError, match="eval_batch_size must be a positive integer"):
+        ImageClassificationTask(digits, eval_batch_size=0)

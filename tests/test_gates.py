@@ -8,7 +8,7 @@ import torch
 
 import autoprune.agents.gates  # noqa: F401  (registers the agent)
 from autoprune.agents import SearchContext, get_agent
-from autoprune.agents.gates import learn_gates, reinitialise
+from autoprune.agents.gates import choose, learn_gates, reinitialise
 from autoprune.budget import Budgets, parse_budget
 from autoprune.cost import count_flops
 from autoprune.errors import InputError, ParameterError
@@ -201,3 +201,52 @@ def test_gates_agent_refuses_bad_options():
         get_agent("gates")(**{"lambda": "a,b"})
     with pytest.raises(ParameterError, match="gates option r='0.5,2': give numbers in \\[0, 1\\]"):
         get_agent("gates")(r="0.5,2")
+
+
+def _learned(evaluator, *, r, tol, lr=0.1, lam=5.0, steps=8):
+    """Snapshots of one gate-learning run (the same seed and batches every time) and the steps whose
+    snapshot was scored, by the validation loss of the gated network."""
+    model = reinitialise(copy.deepcopy(evaluator.model), seed=0)
+    gates = ChannelGates(evaluator.space, model)
+    scored = []
+
+    def score(m):
+        scored.append(len(scored))
+        return evaluator.metrics_of(m, "val")["loss"]
+
+    task = evaluator.task
+    snaps = learn_gates(model, gates, task, task.train_batches(0, augment=False), steps=steps, lr=lr, lam=lam,
+                        r=r, snapshot_every=1, score=score, tol=tol)
+    return snaps, len(scored)
+
+
+def test_snapshots_on_their_way_down_to_r_are_not_scored_and_the_same_snapshot_is_chosen(evaluator):
+    every, n_every = _learned(evaluator, r=0.2, tol=None)
+    assert n_every == len(every) and all(s.score is not None for s in every)
+    means = sorted(s.mean for s in every)
+    tol = means[len(means) // 2] - 0.2  # about half the snapshots reach r + tol
+    lazy, n_lazy = _learned(evaluator, r=0.2, tol=tol)
+    reached = [s.mean <= 0.2 + tol for s in every]
+    assert 0 < sum(reached) < len(every)
+    assert n_lazy == sum(reached)  # one validation pass per snapshot that can be chosen, none for the others
+    assert [s.score is not None for s in lazy] == reached
+    for a, b in zip(every, lazy):
+        assert a.step == b.step and a.mean == pytest.approx(b.mean)
+        if b.score is not None:
+            assert b.score == pytest.approx(a.score, rel=1e-6)
+    sign = -1.0  # the loss: lower is better
+    assert choose(lazy, 0.2, tol, sign)[0].step == choose(every, 0.2, tol, sign)[0].step
+
+
+def test_when_no_snapshot_reaches_r_only_the_sparsest_is_scored_as_it_stood(evaluator):
+    # a large LR: the gates overshoot and the sparsest snapshot is not the last one
+    every, _ = _learned(evaluator, r=0.0, tol=None, lr=0.5, lam=0.5)
+    lazy, n_lazy = _learned(evaluator, r=0.0, tol=0.0, lr=0.5, lam=0.5)
+    assert all(s.mean > 0.0 for s in every)  # nothing reaches r = 0 in a few steps
+    assert choose(every, 0.0, 0.0)[0].step < every[-1].step
+    assert n_lazy == 1
+    chosen, reached = choose(lazy, 0.0, 0.0)
+    assert not reached and chosen.score is not None
+    expected, _ = choose(every, 0.0, 0.0)
+    # scored after learning, from its saved gates and batch-norm statistics: the same as when it was taken
+    assert chosen.step == expected.step and chosen.score == pytest.approx(expected.score, rel=1e-6)

@@ -1,6 +1,7 @@
 """ICE-Pick: the pruning-aware LR, staged pruning, layer freezing, threshold-guided fine-tuning, and the
 agent's multi-objective TPE search over its hyperparameters, on a real ResNet-20 and the digits data."""
 
+import copy
 import json
 import math
 
@@ -13,8 +14,9 @@ from autoprune.agents.icepick import PAPER_DEFAULTS
 from autoprune.budget import Budgets, parse_budget
 from autoprune.errors import InputError
 from autoprune.evaluator import Evaluator
-from autoprune.pruning.icepick import IcePick, layer_names, pruning_aware_lr, stage_targets
+from autoprune.pruning.icepick import IcePick, freeze, layer_names, layer_norms, pruning_aware_lr, stage_targets
 from autoprune.study import best_policy, completed, open_study, policy_of
+from autoprune.training import train_steps
 
 DIRECTIONS = ("maximize", "minimize")
 
@@ -106,6 +108,34 @@ def test_frozen_layers_receive_no_updates_yet_are_pruned(evaluator):
             assert not torch.equal(w, pruned_only[name].weight), f"{name} is trained but did not move"
     assert shrunk >= len(frozen) - 1  # only the stem's weights keep their shape (its outputs are pinned)
     assert all(p.requires_grad for p in run.model.parameters())
+    # a frozen layer's batch norm is frozen with it: its scale and shift stay the pruned copy's
+    norms = layer_norms(evaluator.space)
+    assert any(name in norms for name in frozen)
+    for name in frozen:
+        if name in norms:
+            bn = norms[name]
+            assert torch.equal(result[bn].weight, pruned_only[bn].weight), f"{bn} is frozen with {name} but moved"
+            assert torch.equal(result[bn].bias, pruned_only[bn].bias), f"{bn} is frozen with {name} but moved"
+
+
+def test_a_layer_is_frozen_with_its_batch_norm_so_autograd_skips_a_frozen_stem(evaluator):
+    norms = layer_norms(evaluator.space)
+    assert norms["conv1"] == "bn1" and norms["layer1.0.conv1"] == "layer1.0.bn1"
+    assert "fc" not in norms  # no batch norm follows the classifier
+    model = copy.deepcopy(evaluator.model)
+    modules = dict(model.named_modules())
+    trainable = freeze(model, ["conv1"], norms)
+    assert {id(p) for p in trainable} == {
+        id(p) for n, p in model.named_parameters() if not n.startswith(("conv1.", "bn1."))}
+    # the stem's output needs no gradient: autograd records nothing for it, so its backward is skipped
+    # (were its batch norm still trained, the gradient would flow back through the whole network to it)
+    seen = []
+    modules["bn1"].register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    task = evaluator.task
+    train_steps(model, task, task.train_batches(0), 2, 1e-3, params=trainable)
+    assert seen == [False, False]
+    freeze(model, [], norms)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_agent_records_each_icepick_run_as_a_two_objective_trial_and_exports_its_hyperparameters(

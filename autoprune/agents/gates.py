@@ -8,7 +8,9 @@ network whose weights stay at their random initialisation, then read the pruned 
    ``CE + lambda * (mean|g| - r)^2`` (Eq. 2; lambda 0.5, r 0.2), clamped to [0, 1] after each step.
 3. Every ``snapshot_every`` steps the gates are kept with the gated network's validation objective.
    The run's gates are the most accurate snapshot among those that reached the target sparsity,
-   here read as ``mean|g| <= r + sparsity_tol`` (the quantity the regulariser drives to r).
+   here read as ``mean|g| <= r + sparsity_tol`` (the quantity the regulariser drives to r); the
+   sparsest snapshot when none did. Only the snapshots that can be chosen are scored (a validation
+   pass each): not those taken while the gates are still on their way down to r.
 4. One global threshold over all gates is bisected until the pruned structure meets every budget
    as tightly as whole channels allow (:func:`autoprune.pruning.gates.threshold_structure`). The
    channels kept are those with the largest gates, carried in the policy's ``keep`` field so that
@@ -31,7 +33,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,12 +72,15 @@ def _floats(text: str | float | Sequence[float]) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class Snapshot:
     """The gates after ``step`` steps, their mean absolute value and the gated network's validation
-    objective (the task's metric)."""
+    objective (the task's metric; None when it was not scored, see :func:`learn_gates`). ``buffers``
+    holds the model's buffers (batch-norm statistics) of a snapshot not scored yet, so that it can be
+    scored later exactly as it stood."""
 
     step: int
     gates: dict[str, torch.Tensor]
     mean: float
-    score: float
+    score: float | None
+    buffers: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:
@@ -103,13 +108,19 @@ def learn_gates(
     snapshot_every: int,
     score: Any,
     amp: bool = False,
+    tol: float | None = None,
 ) -> list[Snapshot]:
     """Learn ``gates`` on the frozen ``model`` (Sec. 3.1) and return the snapshots taken: ``task.loss``
     (cross-entropy for a classifier) plus ``lam`` times the sparsity penalty.
 
     Only the gates are optimised (Adam); the model's parameters get no gradient. Batch norm runs in
     training mode (batch statistics), as when the weights themselves are trained. ``score(model)``
-    scores the gated model for a snapshot.
+    scores the gated model for a snapshot (a validation pass).
+
+    With ``tol``, only the snapshots that :func:`choose` can pick are scored: those whose mean |gate|
+    reached ``r + tol``, or, when none does, the sparsest one, scored after learning from its gates and
+    batch-norm statistics (the weights never move, so it scores as it would have). The others keep
+    ``score`` None. Without ``tol`` every snapshot is scored.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -118,11 +129,14 @@ def learn_gates(
     snapshots = []
 
     def snap(step: int) -> None:
-        value = score(model)
-        model.train()
         with torch.no_grad():
             mean = float(gates.vector().abs().mean())
-        snapshots.append(Snapshot(step, gates.as_dict(), mean, value))
+        if tol is None or mean <= r + tol:
+            value, buffers = score(model), None
+            model.train()
+        else:  # not a candidate once any snapshot reaches r: a validation pass saved
+            value, buffers = None, {k: b.detach().clone() for k, b in model.named_buffers()}
+        snapshots.append(Snapshot(step, gates.as_dict(), mean, value, buffers))
 
     model.train()
     for step, batch in zip(range(1, steps + 1), batches):
@@ -135,6 +149,16 @@ def learn_gates(
         gates.clamp_()
         if step % snapshot_every == 0 or step == steps:
             snap(step)
+    if snapshots and all(s.score is None for s in snapshots):  # none reached r: choose takes the sparsest
+        i = min(range(len(snapshots)), key=lambda j: (snapshots[j].mean, -snapshots[j].step))
+        chosen = snapshots[i]
+        gates.load_(chosen.gates)
+        current = dict(model.named_buffers())
+        with torch.no_grad():
+            for k, b in chosen.buffers.items():
+                current[k].copy_(b)
+        snapshots[i] = dataclasses.replace(chosen, score=score(model), buffers=None)
+        model.train()
     return snapshots
 
 
@@ -261,7 +285,7 @@ class GatesAgent(Agent):
         snapshots = learn_gates(
             model, gates, ctx.task, ctx.task.train_batches(ctx.seed + run), steps=self.steps, lr=self.lr, lam=lam,
             r=r, snapshot_every=self.snapshot_every, score=lambda m: ev.metrics_of(m, "val")[ev.metric],
-            amp=ev.amp,
+            amp=ev.amp, tol=self.sparsity_tol,
         )
         gates.remove()
         snapshot, reached = choose(snapshots, r, self.sparsity_tol, ctx.task.sign)

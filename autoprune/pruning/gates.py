@@ -93,6 +93,12 @@ class ChannelGates(nn.Module):
         return {n: g.detach().clone().cpu() for n, g in zip(self.names, self.gates)}
 
     @torch.no_grad()
+    def load_(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Set every group's gates to ``values`` (as :meth:`as_dict` gives them)."""
+        for name, g in zip(self.names, self.gates):
+            g.copy_(values[name].to(g.device))
+
+    @torch.no_grad()
     def clamp_(self) -> None:
         """Project every gate onto [0, 1] (done after each optimiser step, Sec. 3.1)."""
         for g in self.gates:

@@ -12,7 +12,9 @@ stages instead of at once; after each stage
 3. before a fine-tune, a probe (a few SGD steps on a copy) measures how far each layer's weights
    move, relative to their norm; the ``freeze_ratio`` of layers that move least are frozen for that
    fine-tune (still pruned, no longer trained: out of the optimiser, so neither weight decay nor
-   momentum touches them);
+   momentum touches them). A layer is frozen with the batch norm that directly follows it, as the
+   authors freeze a layer: then no gradient is computed for a frozen layer's weights, and none at
+   all for a frozen stretch at the start of the network, whose backward pass autograd skips;
 4. the fine-tune's maximum learning rate follows the pruning-aware schedule
    ``lr(α) = base − Δ / (1 + (α / (2(1 − P) − α))^β)`` (:func:`pruning_aware_lr`), α the fraction
    of weights left; SGD with momentum 0.9, weight decay 1e-4, cosine decay within a fine-tune,
@@ -133,6 +135,21 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
+def layer_norms(space: Space) -> dict[str, str]:
+    """For every convolution and linear layer of ``space``'s model whose output goes only to a batch
+    norm, that norm: the layer's own, frozen with it. Module names survive pruning, so the base model's
+    space serves every stage."""
+    out = {}
+    for name in layer_names(space.model):
+        node = space.dg.module2node.get(space.modules[name])
+        if node is None or len(node.outputs) != 1:
+            continue
+        follower = node.outputs[0].module
+        if isinstance(follower, nn.modules.batchnorm._NormBase) and follower in space.module_names:
+            out[name] = space.module_names[follower]
+    return out
+
+
 @dataclass
 class Stage:
     """What one ICE-Pick stage did."""
@@ -145,12 +162,14 @@ class Stage:
     lr: float | None = None
     frozen: list[str] = field(default_factory=list)
     score_after: float | None = None  # after the fine-tune
+    # wall seconds of each phase: prune, recalibrate, score, probe, finetune, score_after (those that ran)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "stage": self.index, "params_left": self.params_left, "score": self.score,
             "drop": self.drop, "finetuned": self.finetuned, "lr": self.lr, "frozen": len(self.frozen),
-            "score_after": self.score_after,
+            "score_after": self.score_after, "seconds": dict(self.seconds),
         }
 
 
@@ -264,27 +283,35 @@ class IcePick:
         history: list[Stage] = []
         finetuned = probed = 0
         targets = stage_targets(space.names, policy.ratios, stages=self.stages, schedule=self.schedule)
+        norms = layer_norms(space)
         for i, cumulative in enumerate(targets):
+            clock = _Clock()
             model = self.prune_to(model, space, cumulative, policy.criterion, evaluator.example_inputs,
                                   calibration=evaluator.calibration, seed=evaluator.seed, task=task,
                                   reconstruct=policy.reconstruct)
+            clock.lap("prune")
             recalibrate_bn(model, task, plain, bn_batches, amp)
+            clock.lap("recalibrate")
             alpha = count_params(model) / space.base_params
             value = evaluator.metrics_of(model, "val")[task.metric]
-            stage = Stage(i, alpha, value, task.shortfall(reference, value), finetuned=False)
+            clock.lap("score")
+            stage = Stage(i, alpha, value, task.shortfall(reference, value), finetuned=False, seconds=clock.laps)
             if stage.drop >= self.threshold and self.finetune_steps > 0:
                 stage.finetuned = True
                 stage.lr = self.lr(alpha)
                 if self.freeze_ratio > 0 and self.probe_steps > 0:
                     stage.frozen = self.probe(model, task, train, stage.lr, amp, **penalty)
                     probed += self.probe_steps
-                trainable = freeze(model, stage.frozen)
+                    clock.lap("probe")
+                trainable = freeze(model, stage.frozen, norms)
                 train_steps(model, task, train, self.finetune_steps, stage.lr, momentum=self.momentum,
                             weight_decay=self.weight_decay, teacher=teacher, distill=self.distill,
                             temperature=self.temperature, amp=amp, params=trainable, **penalty)
                 freeze(model, [])
                 finetuned += self.finetune_steps
+                clock.lap("finetune")
                 stage.score_after = evaluator.metrics_of(model, "val")[task.metric]
+                clock.lap("score_after")
             history.append(stage)
         return IcePickResult(model.eval(), time.perf_counter() - t0, finetuned, probed, history)
 
@@ -332,10 +359,26 @@ class IcePick:
         return sorted(names, key=lambda n: (moved[n], names.index(n)))[:n_frozen]
 
 
-def freeze(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
-    """Freeze the parameters of the layers ``names`` (and unfreeze every other); return the trainable
-    parameters, the only ones an optimiser should see."""
-    frozen = set(names)
+class _Clock:
+    """Wall seconds between successive :meth:`lap` calls, by phase name (on CUDA a phase's kernels may
+    still run when its lap is taken, and land in the next phase: the stage's total stays exact)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = self.laps.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
+def freeze(model: nn.Module, names: Sequence[str], norms: Mapping[str, str] | None = None) -> list[nn.Parameter]:
+    """Freeze the parameters of the layers ``names``, and of their own batch norms (``norms``, layer to
+    norm: :func:`layer_norms`), and unfreeze every other; return the trainable parameters, the only ones
+    an optimiser should see."""
+    norms = norms or {}
+    frozen = set(names) | {norms[n] for n in names if n in norms}
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             p.requires_grad_(name not in frozen)
