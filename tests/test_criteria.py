@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_net import Tiny
 from torch import nn
 
 from autoprune.cli import main
@@ -21,25 +22,6 @@ from autoprune.pruning.icepick import IcePick
 from autoprune.runner import apply_policy
 from autoprune.space import Space
 from autoprune.task import ImageClassificationTask
-
-
-class Tiny(nn.Module):
-    """stem (pinned) -> a + bn_a + relu -> b + bn_b + relu -> pool -> fc (pinned): groups ``a`` and ``b``;
-    group ``a`` holds a's filters, bn_a and b's input slices."""
-
-    def __init__(self, width: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 2, 1, bias=False)
-        self.a = nn.Conv2d(2, width, 1, bias=False)
-        self.bn_a = nn.BatchNorm2d(width)
-        self.b = nn.Conv2d(width, 3, 1, bias=False)
-        self.bn_b = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3, 3)
-
-    def forward(self, x):
-        x = F.relu(self.bn_a(self.a(self.stem(x))))
-        x = F.relu(self.bn_b(self.b(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 def tiny(width: int = 4, seed: int = 0) -> Tiny:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_net import Tiny
 from torch import nn
 
 from autoprune.cli import main
@@ -15,25 +15,6 @@ from autoprune.pruning import ChannelPruner
 from autoprune.pruning.criteria import Statistics, connection_correlation, fisher_ratio
 from autoprune.runner import apply_policy
 from autoprune.space import Space
-
-
-class Tiny(nn.Module):
-    """stem (pinned) -> a + bn_a + relu -> b + bn_b + relu -> pool -> fc (pinned), all 1x1 convs:
-    groups ``a`` (read by ``b``) and ``b`` (read by ``fc``)."""
-
-    def __init__(self, inputs: int = 1, width: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(inputs, 2, 1, bias=False)
-        self.a = nn.Conv2d(2, width, 1, bias=False)
-        self.bn_a = nn.BatchNorm2d(width)
-        self.b = nn.Conv2d(width, 3, 1, bias=False)
-        self.bn_b = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3, 3)
-
-    def forward(self, x):
-        x = F.relu(self.bn_a(self.a(self.stem(x))))
-        x = F.relu(self.bn_b(self.b(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 def pruner(model: nn.Module, batches, inputs: int = 1) -> ChannelPruner:
