@@ -191,4 +191,6 @@ def time_agent(agent: str, setup, config: SearchConfig, args) -> tuple[int, floa
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run
+
+    run(main)

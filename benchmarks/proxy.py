@@ -12,6 +12,11 @@ It also fine-tunes the uniform policy under ``--noise-seeds`` other batch seeds,
 final accuracy of one policy moves with the batches alone (the noise floor a ranking works against).
 Raw figures go to ``--json``.
 
+``--around POLICY.json`` draws the candidates near a policy instead (a search's best, say): every ratio
+moved by a normal step of std ``--sigma`` on the logit scale, then shifted onto the budget, and the policy
+itself added. With the final fine-tune as one of the proxies (``--proxy-steps 0,300``) this shows how much
+better than that policy a search could still do near it, were it to score candidates as the user does.
+
     .venv/bin/python benchmarks/proxy.py --dataset fashionmnist --data-root /usr/share/datasets/fashion-mnist \\
         --pretrain-steps 8000 --budget 30% --candidates 30 --proxy-steps 0,10,50 --final-steps 300
 """
@@ -30,6 +35,8 @@ from scipy.stats import kendalltau, spearmanr
 
 from autoprune.budget import Budgets, parse_budget
 from autoprune.config import SourceConfig
+from autoprune.errors import InputError
+from autoprune.policy import Policy
 from autoprune.runner import make_evaluator, prepare
 
 
@@ -45,6 +52,9 @@ def main() -> None:
     ap.add_argument("--final-steps", type=int, default=300)
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--noise-seeds", type=int, default=2, help="other batch seeds for the uniform policy")
+    ap.add_argument("--around", default=None, metavar="POLICY.json",
+                    help="draw the candidates near this policy instead of at random")
+    ap.add_argument("--sigma", type=float, default=0.4, help="with --around: std of each ratio's step, logit scale")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write every figure here")
@@ -61,18 +71,35 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     names = ev.space.names
     policies = [("uniform", ev.policy(budgets.fit()))]
+    if args.around:
+        given = Policy.load(args.around).ratios
+        if set(given) != set(names):
+            raise InputError(f"--around {args.around}: its groups are not those of {args.model}'s pruning space "
+                             f"({len(given)} against {len(names)})")
+        centre = np.array([given[n] for n in names]).clip(1e-3, 1 - 1e-3)
+        policies.append(("around", ev.policy(budgets.fit(dict(zip(names, centre.tolist()))))))
     for i in range(args.candidates):
-        raw = rng.uniform(0.0, budgets.max_ratio, size=len(names))
-        policies.append((f"random-{i}", ev.policy(budgets.fit(dict(zip(names, raw.tolist()))))))
+        if args.around:
+            step = np.log(centre / (1 - centre)) + rng.normal(0.0, args.sigma, size=len(names))
+            raw = 1 / (1 + np.exp(-step))
+        else:
+            raw = rng.uniform(0.0, budgets.max_ratio, size=len(names))
+        label = "near" if args.around else "random"
+        policies.append((f"{label}-{i}", ev.policy(budgets.fit(dict(zip(names, raw.tolist()))))))
 
     rows = []
     t0 = time.perf_counter()
     for label, policy in policies:
         row = {"policy": label, "ratios": policy.ratios, "flops_ratio": ev.cost(policy)["flops"] / ev.space.base_flops}
+        built = None
         for k in proxies:
-            r = ev.evaluate(policy, k)
+            if k == args.final_steps:  # the final fine-tune as a proxy: the same model, scored on validation
+                built = ev.build(policy, k)
+                r = ev.measure(built, "val", k)
+            else:
+                r = ev.evaluate(policy, k)
             row[f"val@{k}"], row[f"val_loss@{k}"] = r.score, r.loss
-        final = ev.measure(ev.build(policy, args.final_steps), "test", args.final_steps)
+        final = ev.measure(built or ev.build(policy, args.final_steps), "test", args.final_steps)
         row["final_test"] = final.score
         rows.append(row)
         print(f"<!-- {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -86,11 +113,14 @@ def main() -> None:
         noise.append(other.measure(other.build(policies[0][1], args.final_steps), "test").score)
 
     final = [r["final_test"] for r in rows]
+    drawn = f"the given policy and {args.candidates} near it (sigma {args.sigma:g})" if args.around else \
+        f"{args.candidates} random"
     print(f"\n{args.model} on {args.dataset}, {args.budget} FLOPs, {len(rows)} policies (uniform + "
-          f"{args.candidates} random), final fine-tune {args.final_steps} steps at LR {args.finetune_lr}, "
+          f"{drawn}), final fine-tune {args.final_steps} steps at LR {args.finetune_lr}, "
           f"test split\n")
     print(f"final test accuracy over the policies: mean {statistics.mean(final):.2%}, std "
-          f"{statistics.stdev(final):.2%}, min {min(final):.2%}, max {max(final):.2%}; uniform {final[0]:.2%}")
+          f"{statistics.stdev(final):.2%}, min {min(final):.2%}, max {max(final):.2%}; uniform {final[0]:.2%}"
+          + (f", the given policy {final[1]:.2%}" if args.around else ""))
     print(f"uniform policy under {len(noise)} batch seeds: {', '.join(f'{v:.2%}' for v in noise)} "
           f"(std {statistics.stdev(noise):.2%})\n")
     print("| proxy (validation) | Kendall tau | p | Spearman rho | best by proxy: final test | its rank |")
@@ -110,4 +140,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run
+
+    run(main)

@@ -355,4 +355,6 @@ def plot(results: Mapping[str, Any], model: str, budgets: list[float], methods: 
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run
+
+    run(main)
