@@ -224,11 +224,22 @@ def test_relative_actions_read_against_the_uniform_ratio_the_budget_needs(spaces
     uniform = Budgets([budget], ev, env.max_ratio).fit()  # the tightest uniform ratio, shifted to the budget
     u = next(iter(uniform.values()))
     env.reset()
-    # 0.5 asks for the uniform ratio of the groups still to decide; 1 keeps the group whole, 0 removes the most
+    # 0.5 asks for the uniform ratio of the groups still to decide; 0 and 1 for as much more and less: at 30 %
+    # the uniform ratio is nearer max_ratio than 0, so 0 removes the most and 1 removes u less as much
+    d = env.max_ratio - u
+    assert 0.0 < d < u
     assert env.requested_ratio(0, [], 0.5) == pytest.approx(u, abs=1e-3)
-    assert env.requested_ratio(0, [], 1.0) == 0.0
     assert env.requested_ratio(0, [], 0.0) == pytest.approx(env.max_ratio)
-    assert env.requested_ratio(0, [], 0.75) == pytest.approx(u / 2, abs=1e-3)
+    assert env.requested_ratio(0, [], 1.0) == pytest.approx(u - d, abs=1e-3)
+    assert env.requested_ratio(0, [], 0.75) == pytest.approx(u - d / 2, abs=1e-3)
+    for a in (0.1, 0.3, 0.9):
+        assert env.requested_ratio(0, [], a) + env.requested_ratio(0, [], 1 - a) == pytest.approx(2 * u, abs=2e-3)
+    # under a loose budget, 1 keeps the group whole and 0 removes twice the uniform ratio
+    loose = AMCEnv(ev, [Budget("flops", fraction=0.8)], reward_fn=lambda policy: 0.0, action="relative")
+    u80 = loose.uniform_rest(0, [])
+    assert 0.0 < 2 * u80 < loose.max_ratio
+    assert loose.requested_ratio(0, [], 1.0) == pytest.approx(0.0, abs=1e-3)
+    assert loose.requested_ratio(0, [], 0.0) == pytest.approx(2 * u80, abs=1e-3)
     # after a group kept whole, the rest must remove more than u to meet the budget
     assert env.requested_ratio(1, [0.0], 0.5) > u + 0.01
     done = False
@@ -241,18 +252,24 @@ def test_relative_actions_read_against_the_uniform_ratio_the_budget_needs(spaces
 
 def test_random_relative_actions_spread_a_tight_budget_where_preserve_ratios_pile_it_at_the_end(spaces):
     """At 15 % FLOPs, preserve ratios drawn at random leave the last groups on the floor; relative ones
-    centre every group on the uniform ratio."""
+    centre every group on the uniform ratio, with as much room above it as below."""
     ev = spaces["resnet20"]
     budget = Budget("flops", fraction=0.15)
-    last_at_floor = {}
+    last_at_floor, near_floor, drift = {}, {}, {}
     for action in ("preserve", "relative"):
-        env = AMCEnv(ev, [budget], reward_fn=lambda policy: 0.0, action=action)
+        env = AMCEnv(ev, [budget], reward_fn=lambda policy: 0.0, action=action, keep_floor=0.1)
+        u = env.uniform_rest(0, [])
         policies = [random_episode(env, seed)[1][-1]["ratios"] for seed in range(12)]
         for ratios in policies:
             assert budget.holds(ev.cost(ratios)["flops"], ev.space.base_flops)
         last_at_floor[action] = sum(p[env.names[-1]] >= env.max_ratio - 1e-6 for p in policies)
+        ratios = np.array([list(p.values()) for p in policies])
+        near_floor[action] = float(np.mean(ratios >= env.max_ratio - 0.07))  # whole channels round below it
+        drift[action] = float(np.mean(ratios) - u)
     assert last_at_floor["preserve"] >= 10
-    assert last_at_floor["relative"] <= 6
+    assert last_at_floor["relative"] <= 4
+    assert near_floor["preserve"] > 0.5 and near_floor["relative"] < 0.35, near_floor
+    assert abs(drift["relative"]) < 0.03, drift
 
 
 def test_unknown_action_is_refused_in_the_agents_words(spaces):

@@ -108,8 +108,8 @@ class AMCAgent(Agent):
                               high=1.0, low_open=True),
         "reward": Option(str, "error_log_flops", "episode reward: -Error*log(FLOPs) or -Error", choices=REWARDS),
         "action": Option(str, "preserve", "an action is the group's keep ratio (preserve, the paper) or is read "
-                         "against the uniform ratio the budget needs from that group on (relative: 0.5 asks "
-                         "for it)", choices=ACTIONS),
+                         "against the uniform ratio u the budget needs from that group on (relative: 0.5 asks "
+                         "for u, 0 and 1 for as much more and less, symmetrically)", choices=ACTIONS),
         "keep_floor": Option(float, 0.2, "smallest fraction of a group's channels kept", low=0.0, high=1.0,
                              high_open=True),
         "actor_lr": Option(float, 1e-4, "actor learning rate", low=0.0, low_open=True),

@@ -91,10 +91,13 @@ class AMCEnv(gym.Env):
     action: how an action becomes a ratio. ``"preserve"`` (the paper): the action is the group's keep
         ratio. ``"relative"``: the action is read against ``u``, the one removal ratio that, given to
         this group and every group after it, meets the budgets exactly: 0.5 removes ``u``, 1 removes
-        nothing, 0 removes ``max_ratio``, linearly in between on each side. Either is then clipped to
-        the budgets' wall. Under a tight budget, preserve ratios drawn at random leave most of the
-        cut to the groups walked last, which the wall then sends to the floor whatever the agent
-        asks; relative actions drawn at random centre every group on the uniform policy instead.
+        ``u - d`` and 0 removes ``u + d``, linearly, with ``d = min(u, max_ratio - u)`` so that the
+        range is symmetric about ``u`` (under a loose budget, 1 keeps the group whole). Either is then
+        clipped to the budgets' wall. Under a tight budget, preserve ratios drawn at random leave most
+        of the cut to the groups walked last, which the wall then sends to the floor whatever the agent
+        asks; relative actions drawn at random centre every group on the uniform policy instead. A
+        range reaching 0 on one side and only ``max_ratio`` on the other would not: each group would
+        remove less than ``u`` on average and push the rest towards the floor.
     finetune_steps: fine-tune steps before scoring a policy (0: adaptive BN only, as in AMC).
     reward_fn: replaces the evaluation: maps the episode's policy to its reward (synthetic tasks,
         tests); nothing is evaluated or recorded then.
@@ -223,9 +226,7 @@ class AMCEnv(gym.Env):
         if self.action_kind == "preserve":
             return 1.0 - action
         u = self.uniform_rest(t, removed)
-        if action >= 0.5:
-            return u * (2.0 - 2.0 * action)
-        return u + (self.max_ratio - u) * (1.0 - 2.0 * action)
+        return u + (1.0 - 2.0 * action) * min(u, self.max_ratio - u)
 
     # -- embedding ----------------------------------------------------------------------------
     def _static_embedding(self) -> np.ndarray:
