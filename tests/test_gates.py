@@ -14,7 +14,15 @@ from autoprune.cost import count_flops
 from autoprune.errors import InputError, ParameterError
 from autoprune.evaluator import Evaluator
 from autoprune.policy import Policy
-from autoprune.pruning.gates import ChannelGates, gate_targets, sparsity_penalty, threshold_structure
+from autoprune.pruning.gates import (
+    ChannelGates,
+    channel_flops,
+    flops_weights,
+    gate_mean,
+    gate_targets,
+    sparsity_penalty,
+    threshold_structure,
+)
 from autoprune.study import completed, open_study, policy_of
 
 
@@ -37,6 +45,75 @@ def test_regulariser_is_the_squared_gap_between_mean_gate_and_target():
     gates = torch.tensor([1.0, 0.0, 0.5, -0.5])  # mean |g| = 0.5
     assert float(sparsity_penalty(gates, 0.2)) == pytest.approx(0.09)
     assert float(sparsity_penalty(torch.full((7,), 0.2), 0.2)) == pytest.approx(0.0)
+    # weighted: the mean of w * |g| (weights of mean 1)
+    w = torch.tensor([2.0, 1.0, 0.5, 0.5])
+    assert float(gate_mean(gates, w)) == pytest.approx((2.0 + 0.0 + 0.25 + 0.25) / 4)
+    assert float(sparsity_penalty(gates, 0.2, w)) == pytest.approx((0.625 - 0.2) ** 2)
+
+
+def test_flops_weights_are_each_channels_flops_with_mean_one(evaluator):
+    space = evaluator.space
+    w = flops_weights(space)
+    assert w.numel() == sum(g.channels for g in space.prunable)
+    assert float(w.mean()) == pytest.approx(1.0)
+    at = {}
+    offset = 0
+    for g in space.prunable:
+        part = w[offset:offset + g.channels]
+        offset += g.channels
+        assert torch.allclose(part, part[0].expand_as(part))  # one weight per group
+        at[g.name] = float(part[0])
+    # a channel's weight is the FLOPs removing it saves: a 3x3 conv channel of the first stage (16 in and
+    # out, at the full resolution) costs about four times one of the last stage (64, at a quarter of the side)
+    full = space.flops({})
+    for name in ("layer1.1.conv1", "layer3.1.conv1"):
+        size = space.by_name[name].channels
+        saved = (full - space.flops({name: 2 / size})) / 2
+        assert at[name] / at["layer2.1.conv1"] == pytest.approx(
+            saved / ((full - space.flops({"layer2.1.conv1": 2 / 32})) / 2), rel=1e-3)
+    assert at["layer1.1.conv1"] / at["layer3.1.conv1"] == pytest.approx(4.0, rel=0.05)
+    assert at == pytest.approx(channel_flops(space))
+
+
+def test_flops_penalty_pushes_the_costly_channels_down_harder(evaluator):
+    """The same gate-learning run, plain and FLOPs-weighted (the default lambda, where the loss's pull on
+    each gate matters): with the weights, the first stage's inner convolutions (the costliest channels)
+    keep much smaller gates, and the last stage's (the cheapest) no smaller ones."""
+    def stage_means(weights):
+        model = reinitialise(copy.deepcopy(evaluator.model), seed=0)
+        gates = ChannelGates(evaluator.space, model)
+        task = evaluator.task
+        snaps = learn_gates(model, gates, task, task.train_batches(0, augment=False), steps=60, lr=0.05, lam=0.5,
+                            r=0.2, snapshot_every=60, score=lambda m: 0.0, weights=weights)
+        inner = {k: float(v.mean()) for k, v in snaps[-1].gates.items() if k.endswith(".conv1")}
+        first = sum(v for k, v in inner.items() if k.startswith("layer1.")) / 3
+        third = sum(v for k, v in inner.items() if k.startswith("layer3.")) / 3
+        return first, third, snaps[-1].mean
+
+    plain = stage_means(None)
+    weighted = stage_means(flops_weights(evaluator.space))
+    assert weighted[0] < plain[0] - 0.1
+    assert weighted[1] > plain[1] - 0.02
+    # each snapshot's mean is its own regulariser's mean, which both runs drove to about r
+    assert plain[2] == pytest.approx(0.2, abs=0.1) and weighted[2] == pytest.approx(0.2, abs=0.1)
+
+
+def test_threshold_by_gate_per_flop_removes_the_costly_channels_first(evaluator):
+    space = evaluator.space
+    gates = {g.name: torch.full((g.channels,), 0.5) for g in space.prunable}
+    weights = channel_flops(space)
+    base = space.flops({})
+    fits = lambda ratios: space.flops(ratios) <= 0.8 * base  # noqa: E731
+    ratios, _ = threshold_structure(gates, fits, 0.9, weights)
+    costliest = max(weights.values())
+    # equal gates: only the groups whose channels cost the most lose any, and they shed 20 % of the FLOPs
+    assert {n for n, r in ratios.items() if r > 0} <= {n for n, w in weights.items() if w == pytest.approx(costliest)}
+    assert space.flops(ratios) <= 0.8 * base
+    # without weights the order is the gates' alone: ties go by group order, the first groups first
+    plain, _ = threshold_structure(gates, fits, 0.9)
+    assert plain != ratios
+    with pytest.raises(ValueError, match="every weight must be > 0"):
+        threshold_structure(gates, fits, 0.9, {**weights, space.prunable[0].name: 0.0})
 
 
 def test_gates_sit_after_batch_norm_and_coupled_layers_share_one_vector(evaluator):
@@ -201,6 +278,29 @@ def test_gates_agent_refuses_bad_options():
         get_agent("gates")(**{"lambda": "a,b"})
     with pytest.raises(ParameterError, match="gates option r='0.5,2': give numbers in \\[0, 1\\]"):
         get_agent("gates")(r="0.5,2")
+    with pytest.raises(ParameterError, match="gates option penalty='params': choose from mean, flops"):
+        get_agent("gates")(penalty="params")
+    with pytest.raises(ParameterError, match="gates option order='size': choose from gate, flops"):
+        get_agent("gates")(order="size")
+
+
+def test_a_run_resumes_only_with_the_penalty_it_was_learned_with(evaluator, tmp_path):
+    b = parse_budget("flops", "50%")
+    ctx = context(evaluator, tmp_path, [b])
+    plain = get_agent("gates")(steps=4, snapshot_every=2, lr=0.1)
+    plain.search(ctx)
+    (run,) = completed(ctx.study)
+    assert run.user_attrs["gates_penalty"] == "mean"
+    again = context(evaluator, tmp_path, [b])
+    plain.search(again)
+    assert again.recorder.written == 0  # the same settings: resumed
+    weighted = context(evaluator, tmp_path, [b])
+    get_agent("gates")(steps=4, snapshot_every=2, lr=0.1, penalty="flops").search(weighted)
+    assert weighted.recorder.written == 1  # another penalty: learned again
+    assert sorted(t.user_attrs["gates_penalty"] for t in completed(weighted.study)) == ["flops", "mean"]
+    ordered = context(evaluator, tmp_path, [b])
+    get_agent("gates")(steps=4, snapshot_every=2, lr=0.1, order="flops").search(ordered)
+    assert ordered.recorder.written == 1  # another order: a run of its own
 
 
 def _learned(evaluator, *, r, tol, lr=0.1, lam=5.0, steps=8):

@@ -6,13 +6,20 @@ network whose weights stay at their random initialisation, then read the pruned 
 2. The weights are frozen at a fresh random initialisation (``--gates-from pretrained``: the trained
    ones); the gates start at 1 and are learned with Adam (lr 0.01) on
    ``CE + lambda * (mean|g| - r)^2`` (Eq. 2; lambda 0.5, r 0.2), clamped to [0, 1] after each step.
+   ``--gates-penalty flops`` weighs each gate in that mean by the FLOPs one channel of its group
+   costs (mean weight 1), so that the gate of a costly channel is pulled towards zero harder than a
+   cheap one's; the paper's plain mean counts every channel alike, whatever it costs. Adam scales each
+   gate's step by its own gradient's size, so the weights act through the balance with the loss's pull
+   on each gate rather than through the size of the steps.
 3. Every ``snapshot_every`` steps the gates are kept with the gated network's validation objective.
    The run's gates are the most accurate snapshot among those that reached the target sparsity,
    here read as ``mean|g| <= r + sparsity_tol`` (the quantity the regulariser drives to r); the
    sparsest snapshot when none did. Only the snapshots that can be chosen are scored (a validation
    pass each): not those taken while the gates are still on their way down to r.
 4. One global threshold over all gates is bisected until the pruned structure meets every budget
-   as tightly as whole channels allow (:func:`autoprune.pruning.gates.threshold_structure`). The
+   as tightly as whole channels allow (:func:`autoprune.pruning.gates.threshold_structure`);
+   ``--gates-order flops`` walks the channels by gate divided by what one channel of their group
+   costs, the least gate for the FLOPs first. The
    channels kept are those with the largest gates, carried in the policy's ``keep`` field so that
    ``autoprune apply`` reproduces the same channels (``--gates-keep gates``, the default for gates
    learned on pretrained weights). Gates learned on random weights rank the channels of a random
@@ -45,11 +52,20 @@ from autoprune.errors import CandidateError, InputError
 from autoprune.evaluator import Evaluation, fails_candidate
 from autoprune.models._init import kaiming_init
 from autoprune.policy import Policy
-from autoprune.pruning.gates import ChannelGates, sparsity_penalty, threshold_structure
+from autoprune.pruning.gates import (
+    ChannelGates,
+    channel_flops,
+    flops_weights,
+    gate_mean,
+    sparsity_penalty,
+    threshold_structure,
+)
 from autoprune.study import completed, evaluation_of, policy_of
 from autoprune.task import Task
 from autoprune.training import autocast, train_steps
 
+# what a run recorded before an option existed was learned with (so that such runs still resume)
+_BEFORE_OPTION = {"gates_penalty": "mean", "gates_order": "gate"}
 SCRATCH_LR = 0.1  # peak LR of the from-scratch training (cosine, SGD momentum 0.9, as CIFAR ResNets use)
 
 
@@ -109,6 +125,7 @@ def learn_gates(
     score: Any,
     amp: bool = False,
     tol: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> list[Snapshot]:
     """Learn ``gates`` on the frozen ``model`` (Sec. 3.1) and return the snapshots taken: ``task.loss``
     (cross-entropy for a classifier) plus ``lam`` times the sparsity penalty.
@@ -121,16 +138,21 @@ def learn_gates(
     reached ``r + tol``, or, when none does, the sparsest one, scored after learning from its gates and
     batch-norm statistics (the weights never move, so it scores as it would have). The others keep
     ``score`` None. Without ``tol`` every snapshot is scored.
+
+    ``weights`` (one per gate, mean 1) weigh the regulariser's mean and each snapshot's ``mean``
+    (:func:`autoprune.pruning.gates.gate_mean`).
     """
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(gates.parameters(), lr=lr)
     device = gates.gates[0].device
+    if weights is not None:
+        weights = weights.to(device)
     snapshots = []
 
     def snap(step: int) -> None:
         with torch.no_grad():
-            mean = float(gates.vector().abs().mean())
+            mean = float(gate_mean(gates.vector(), weights))
         if tol is None or mean <= r + tol:
             value, buffers = score(model), None
             model.train()
@@ -142,7 +164,7 @@ def learn_gates(
     for step, batch in zip(range(1, steps + 1), batches):
         with autocast(device, amp):
             loss = task.loss(task.forward(model, batch), batch).float()
-        loss = loss + lam * sparsity_penalty(gates.vector(), r)
+        loss = loss + lam * sparsity_penalty(gates.vector(), r, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -187,6 +209,12 @@ class GatesAgent(Agent):
                     metavar="X[,X...]", accepts="give numbers in [0, 1], separated by commas"),
         "steps": Option(int, 300, "gate-learning steps per run", low=1),
         "lr": Option(float, 0.01, "Adam learning rate of the gates", low=0.0, low_open=True),
+        "penalty": Option(str, "mean", "the regulariser's mean over the gates: plain (mean, Eq. 2), or each gate "
+                          "weighted by the FLOPs one channel of its group costs (flops), so that costly channels "
+                          "are pushed towards zero harder", choices=("mean", "flops")),
+        "order": Option(str, "gate", "the global order the threshold walks: by gate (gate, Sec. 3.2), or by gate "
+                        "divided by what one channel of its group costs in FLOPs (flops), so that the least gate "
+                        "for the FLOPs goes first", choices=("gate", "flops")),
         "snapshot_every": Option(int, 25, "steps between gate snapshots", low=1),
         "sparsity_tol": Option(float, 0.05, "a snapshot has reached r when mean|g| <= r + this", low=0.0),
         "from": Option(str, "random", "weights the gates are learned on", choices=("random", "pretrained")),
@@ -255,6 +283,7 @@ class GatesAgent(Agent):
             "gates_role": "run", "gates_run": run, "gates_lambda": lam, "gates_r": r,
             "gates_from": getattr(self, "from"),
             "gates_keep": "gates" if self.keeps_gates() else ctx.evaluator.criterion,
+            "gates_penalty": self.penalty, "gates_order": self.order,
             "gates_steps": self.steps, "gates_lr": self.lr, "gates_snapshot_every": self.snapshot_every,
             "gates_sparsity_tol": self.sparsity_tol, "gates_seed": ctx.seed + run,
         }
@@ -263,7 +292,8 @@ class GatesAgent(Agent):
                      ) -> tuple[Policy, Evaluation, dict[str, Any]] | None:
         for trial in completed(ctx.study):
             a = trial.user_attrs
-            if a.get("finetune_steps") == ctx.finetune_steps and all(a.get(k) == v for k, v in settings.items()):
+            if a.get("finetune_steps") == ctx.finetune_steps and all(
+                    a.get(k, _BEFORE_OPTION.get(k)) == v for k, v in settings.items()):
                 return policy_of(trial), evaluation_of(trial), {k: a[k] for k in a if k.startswith("gates_")}
         return None
 
@@ -286,6 +316,7 @@ class GatesAgent(Agent):
             model, gates, ctx.task, ctx.task.train_batches(ctx.seed + run), steps=self.steps, lr=self.lr, lam=lam,
             r=r, snapshot_every=self.snapshot_every, score=lambda m: ev.metrics_of(m, "val")[ev.metric],
             amp=ev.amp, tol=self.sparsity_tol,
+            weights=flops_weights(ev.space) if self.penalty == "flops" else None,
         )
         gates.remove()
         snapshot, reached = choose(snapshots, r, self.sparsity_tol, ctx.task.sign)
@@ -295,7 +326,8 @@ class GatesAgent(Agent):
     def structure(self, ctx: SearchContext, gates: dict[str, torch.Tensor]
                   ) -> tuple[dict[str, float], dict[str, list[int]]]:
         try:
-            return threshold_structure(gates, ctx.budgets.fits, ctx.budgets.max_ratio)
+            weights = channel_flops(ctx.evaluator.space) if self.order == "flops" else None
+            return threshold_structure(gates, ctx.budgets.fits, ctx.budgets.max_ratio, weights)
         except ValueError:
             ctx.budgets.unreachable()
 

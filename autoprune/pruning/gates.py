@@ -124,16 +124,46 @@ def _multiply(gate: nn.Parameter, index: torch.Tensor | None = None) -> Callable
     return hook
 
 
-def sparsity_penalty(gates: torch.Tensor, r: float) -> torch.Tensor:
+def gate_mean(gates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean absolute gate, ``||g||_1 / N`` (Eq. 2), or with ``weights`` (one per gate, mean 1) the
+    weighted mean ``sum(w * |g|) / N``: with each channel's FLOPs as its weight, roughly the share of the
+    per-channel FLOPs the gates leave open."""
+    g = gates.abs()
+    return (g if weights is None else weights * g).mean()
+
+
+def sparsity_penalty(gates: torch.Tensor, r: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The gate regulariser of Eq. (2): ``(||g||_1 / N - r)^2``, the squared gap between the mean
-    absolute gate and the target ``r``. The loss is ``CE + lambda * sparsity_penalty(g, r)``."""
-    return (gates.abs().mean() - r) ** 2
+    absolute gate and the target ``r``. The loss is ``CE + lambda * sparsity_penalty(g, r)``. With
+    ``weights`` the mean is :func:`gate_mean`'s weighted one, so a gate's pull towards zero grows with
+    its weight."""
+    return (gate_mean(gates, weights) - r) ** 2
+
+
+def channel_flops(space: Space) -> dict[str, float]:
+    """What removing one channel of each prunable group saves from the unpruned model, in MACs, scaled
+    so that the mean over all channels is 1. In ResNet-20, a channel of a first-stage convolution (16
+    wide, full resolution) weighs four times one of the last stage (64 wide, a quarter of the side)."""
+    per = {g.name: max(float(g.flops), 0.0) / g.channels for g in space.prunable}
+    total = sum(per[g.name] * g.channels for g in space.prunable)
+    count = sum(g.channels for g in space.prunable)
+    if total <= 0:
+        return {n: 1.0 for n in per}
+    return {n: max(v * count / total, 1e-12) for n, v in per.items()}
+
+
+def flops_weights(space: Space) -> torch.Tensor:
+    """:func:`channel_flops` as one weight per gate, groups in ``space.prunable`` order (as
+    :meth:`ChannelGates.vector`), so that the weights' mean is 1."""
+    per = channel_flops(space)
+    return torch.cat([torch.full((g.channels,), per[g.name]) for g in space.prunable])
 
 
 def threshold_structure(
     gates: Mapping[str, torch.Tensor],
     fits: Callable[[dict[str, float]], bool],
     max_ratio: float = 1.0,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, list[int]]]:
     """Turn gates into per-group channel counts with one global threshold (Sec. 3.2).
 
@@ -146,6 +176,10 @@ def threshold_structure(
 
     ``fits`` must be monotone (removing more channels never breaks a budget), as FLOPs and
     parameter counts are; measured latency is close to it.
+
+    With ``weights`` (a positive weight per group, e.g. what one of its channels costs) the global order
+    is by gate divided by its group's weight, so the channels whose gate is smallest for what they cost
+    go first; within a group the order is the same.
     """
     names = list(gates)
     sizes = {n: int(gates[n].numel()) for n in names}
@@ -154,8 +188,11 @@ def threshold_structure(
     candidates = []
     for gi, n in enumerate(names):
         g = gates[n].detach().float().cpu()
+        scale = 1.0 if weights is None else float(weights[n])
+        if not scale > 0:
+            raise ValueError(f"group {n!r} has weight {scale!r}; every weight must be > 0")
         order = sorted(range(sizes[n]), key=lambda i: (float(g[i]), i))
-        candidates += [(float(g[i]), gi, i, n) for i in order[: cap[n]]]
+        candidates += [(float(g[i]) / scale, gi, i, n) for i in order[: cap[n]]]
     candidates.sort()
 
     def structure(k: int) -> tuple[dict[str, float], dict[str, list[int]]]:
