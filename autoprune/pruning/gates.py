@@ -144,12 +144,12 @@ def channel_flops(space: Space) -> dict[str, float]:
     """What removing one channel of each prunable group saves from the unpruned model, in MACs, scaled
     so that the mean over all channels is 1. In ResNet-20, a channel of a first-stage convolution (16
     wide, full resolution) weighs four times one of the last stage (64 wide, a quarter of the side)."""
-    per = {g.name: max(float(g.flops), 0.0) / g.channels for g in space.prunable}
-    total = sum(per[g.name] * g.channels for g in space.prunable)
-    count = sum(g.channels for g in space.prunable)
+    flops = {g.name: max(float(g.flops), 0.0) for g in space.prunable}
+    total = sum(flops.values())
     if total <= 0:
-        return {n: 1.0 for n in per}
-    return {n: max(v * count / total, 1e-12) for n, v in per.items()}
+        return dict.fromkeys(flops, 1.0)
+    count = sum(g.channels for g in space.prunable)
+    return {g.name: max(flops[g.name] / g.channels * count / total, 1e-12) for g in space.prunable}
 
 
 def flops_weights(space: Space) -> torch.Tensor:
