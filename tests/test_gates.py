@@ -20,6 +20,7 @@ from autoprune.pruning.gates import (
     flops_weights,
     gate_mean,
     gate_targets,
+    residual_streams,
     sparsity_penalty,
     threshold_structure,
 )
@@ -193,6 +194,23 @@ def test_global_threshold_meets_the_budget_within_one_channel(evaluator, tmp_pat
     assert evaluator.cost(looser)["flops"] > limit
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refill_gives_back_every_removed_channel_the_budget_does_not_need(evaluator, tmp_path, seed):
+    b = parse_budget("flops", "30%")
+    fits = context(evaluator, tmp_path, [b], name=f"r{seed}").budgets.fits
+    limit = b.limit(evaluator.space.base_flops)
+    gates, weights = random_gates(evaluator, seed=seed), channel_flops(evaluator.space)
+    plain, _ = threshold_structure(gates, fits, 0.9, weights)
+    ratios, keep = threshold_structure(gates, fits, 0.9, weights, refill=True)
+    assert evaluator.cost(plain)["flops"] < evaluator.cost(ratios)["flops"] <= limit
+    for name, g in gates.items():
+        gone = [i for i in range(len(g)) if i not in keep[name]]
+        if gone:  # the largest gates stay kept, and not one more channel of any group fits
+            assert float(g[gone].max()) <= float(g[keep[name]].min())
+            looser = {**ratios, name: ratios[name] - 1 / len(g)}
+            assert evaluator.cost(looser)["flops"] > limit
+
+
 def test_global_threshold_respects_max_ratio_and_a_params_budget(evaluator, tmp_path):
     b = parse_budget("params", "40%")
     ctx = context(evaluator, tmp_path, [b], max_ratio=0.7)
@@ -282,6 +300,8 @@ def test_gates_agent_refuses_bad_options():
         get_agent("gates")(penalty="params")
     with pytest.raises(ParameterError, match="gates option order='size': choose from gate, flops"):
         get_agent("gates")(order="size")
+    with pytest.raises(ParameterError, match="gates option streams='prune': choose from keep, gate"):
+        get_agent("gates")(streams="prune")
 
 
 def test_a_run_resumes_only_with_the_penalty_it_was_learned_with(evaluator, tmp_path):
@@ -301,6 +321,59 @@ def test_a_run_resumes_only_with_the_penalty_it_was_learned_with(evaluator, tmp_
     ordered = context(evaluator, tmp_path, [b])
     get_agent("gates")(steps=4, snapshot_every=2, lr=0.1, order="flops").search(ordered)
     assert ordered.recorder.written == 1  # another order: a run of its own
+    gated = context(evaluator, tmp_path, [b])
+    get_agent("gates")(steps=4, snapshot_every=2, lr=0.1, streams="gate").search(gated)
+    assert gated.recorder.written == 1  # the streams gated too: a run of its own
+
+
+def test_the_residual_streams_are_the_groups_that_several_layers_add_into(evaluator):
+    # ResNet-20: the streams of stages 2 and 3, each led by its shortcut's convolution (stage 1's is pinned)
+    assert residual_streams(evaluator.space) == ["layer2.0.downsample.0", "layer3.0.downsample.0"]
+    stream = evaluator.space.by_name["layer2.0.downsample.0"]
+    assert {"layer2.0.conv2", "layer2.1.conv2", "layer2.2.conv2"} <= set(stream.members)
+
+
+def test_depthwise_partners_do_not_make_a_stream():
+    # MobileNetV2's expansion group also holds its depthwise convolution, and is no stream; only the
+    # projections that a residual sum joins are
+    from autoprune.models import build_model
+    from autoprune.space import Space
+
+    space = Space.from_model(build_model("mobilenet_v2", 3, 10, 32).eval(), torch.zeros(1, 3, 32, 32))
+    streams = residual_streams(space)
+    assert streams and all(n.endswith(".conv3") for n in streams)
+    assert len(streams) < sum(n.endswith(".conv3") for n in space.names)  # blocks without a residual are no stream
+    expansions = [g for g in space.prunable if any(space.modules[m].groups > 1 for m in g.members
+                                                   if isinstance(space.modules[m], torch.nn.Conv2d))]
+    assert expansions and not {g.name for g in expansions} & set(streams)
+
+
+def test_kept_streams_get_no_gate_stay_whole_and_the_other_groups_meet_the_budget(evaluator, tmp_path):
+    streams = residual_streams(evaluator.space)
+    gates = ChannelGates(evaluator.space, copy.deepcopy(evaluator.model),
+                         [n for n in evaluator.space.names if n not in streams])
+    assert not set(gates.names) & set(streams) and len(gates.names) == len(evaluator.space.names) - len(streams)
+    b = parse_budget("flops", "40%")
+    ctx = context(evaluator, tmp_path, [b])
+    get_agent("gates")(steps=6, snapshot_every=3, lr=0.1, streams="keep").search(ctx)
+    (run,) = completed(ctx.study)
+    ratios = policy_of(run).ratios
+    assert run.user_attrs["gates_streams"] == "keep"
+    assert all(ratios[n] == 0.0 for n in streams)
+    assert evaluator.cost(ratios)["flops"] <= b.limit(evaluator.space.base_flops)
+    assert sum(ratios.values()) > 0
+    # gating the streams too lets the threshold prune them
+    both = context(evaluator, tmp_path, [b], name="both")
+    get_agent("gates")(steps=6, snapshot_every=3, lr=0.1, streams="gate").search(both)
+    (run,) = completed(both.study)
+    assert any(policy_of(run).ratios[n] > 0 for n in streams)
+
+
+def test_a_budget_the_other_groups_cannot_meet_with_the_streams_whole_is_refused_in_one_line(evaluator, tmp_path):
+    ctx = context(evaluator, tmp_path, [parse_budget("flops", "5%")])
+    with pytest.raises(InputError, match="every group but the residual streams.*streams 'gate'") as e:
+        get_agent("gates")(steps=2, snapshot_every=1, lr=0.1, streams="keep").search(ctx)
+    assert "\n" not in str(e.value)
 
 
 def _learned(evaluator, *, r, tol, lr=0.1, lam=5.0, steps=8):

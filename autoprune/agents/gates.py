@@ -3,6 +3,9 @@ network whose weights stay at their random initialisation, then read the pruned 
 
 1. A scalar gate per channel of every prunable group, multiplied into the output after batch norm
    (:class:`autoprune.pruning.gates.ChannelGates`; coupled layers share one gate vector).
+   The residual streams (:func:`autoprune.pruning.gates.residual_streams`) get no gate and stay
+   whole, as in the authors' code, which gates each ResNet or MobileNetV2 block's inner channels only;
+   ``--gates-streams gate`` gates them too, so that the threshold can prune them.
 2. The weights are frozen at a fresh random initialisation (``--gates-from pretrained``: the trained
    ones); the gates start at 1 and are learned with Adam (lr 0.01) on
    ``CE + lambda * (mean|g| - r)^2`` (Eq. 2; lambda 0.5, r 0.2), clamped to [0, 1] after each step.
@@ -19,7 +22,8 @@ network whose weights stay at their random initialisation, then read the pruned 
 4. One global threshold over all gates is bisected until the pruned structure meets every budget
    as tightly as whole channels allow (:func:`autoprune.pruning.gates.threshold_structure`);
    ``--gates-order flops`` walks the channels by gate divided by what one channel of their group
-   costs, the least gate for the FLOPs first. The
+   costs, the least gate for the FLOPs first. Under FLOPs and parameter budgets, the channels removed
+   that the budget did not need (the last one taken can be a costly one) are then given back. The
    channels kept are those with the largest gates, carried in the policy's ``keep`` field so that
    ``autoprune apply`` reproduces the same channels (``--gates-keep gates``, the default for gates
    learned on pretrained weights). Gates learned on random weights rank the channels of a random
@@ -57,15 +61,17 @@ from autoprune.pruning.gates import (
     channel_flops,
     flops_weights,
     gate_mean,
+    residual_streams,
     sparsity_penalty,
     threshold_structure,
 )
+from autoprune.space import Space
 from autoprune.study import completed, evaluation_of, policy_of
 from autoprune.task import Task
 from autoprune.training import autocast, train_steps
 
 # what a run recorded before an option existed was learned with (so that such runs still resume)
-_BEFORE_OPTION = {"gates_penalty": "mean", "gates_order": "gate"}
+_BEFORE_OPTION = {"gates_penalty": "mean", "gates_order": "gate", "gates_streams": "gate"}
 SCRATCH_LR = 0.1  # peak LR of the from-scratch training (cosine, SGD momentum 0.9, as CIFAR ResNets use)
 
 
@@ -215,6 +221,9 @@ class GatesAgent(Agent):
         "order": Option(str, "gate", "the global order the threshold walks: by gate (gate, Sec. 3.2), or by gate "
                         "divided by what one channel of its group costs in FLOPs (flops), so that the least gate "
                         "for the FLOPs goes first", choices=("gate", "flops")),
+        "streams": Option(str, "keep", "the residual streams: left ungated and whole, the budget met by the other "
+                          "groups, as the authors' code gates only the blocks' inner channels (keep), or gated like "
+                          "every group, so that the threshold can prune them (gate)", choices=("keep", "gate")),
         "snapshot_every": Option(int, 25, "steps between gate snapshots", low=1),
         "sparsity_tol": Option(float, 0.05, "a snapshot has reached r when mean|g| <= r + this", low=0.0),
         "from": Option(str, "random", "weights the gates are learned on", choices=("random", "pretrained")),
@@ -283,7 +292,7 @@ class GatesAgent(Agent):
             "gates_role": "run", "gates_run": run, "gates_lambda": lam, "gates_r": r,
             "gates_from": getattr(self, "from"),
             "gates_keep": "gates" if self.keeps_gates() else ctx.evaluator.criterion,
-            "gates_penalty": self.penalty, "gates_order": self.order,
+            "gates_penalty": self.penalty, "gates_order": self.order, "gates_streams": self.streams,
             "gates_steps": self.steps, "gates_lr": self.lr, "gates_snapshot_every": self.snapshot_every,
             "gates_sparsity_tol": self.sparsity_tol, "gates_seed": ctx.seed + run,
         }
@@ -311,25 +320,49 @@ class GatesAgent(Agent):
         model = copy.deepcopy(ev.model)
         if getattr(self, "from") == "random":
             reinitialise(model, ctx.seed + run)
-        gates = ChannelGates(ev.space, model)
+        groups = self.gated(ev.space)
+        gates = ChannelGates(ev.space, model, groups)
         snapshots = learn_gates(
             model, gates, ctx.task, ctx.task.train_batches(ctx.seed + run), steps=self.steps, lr=self.lr, lam=lam,
             r=r, snapshot_every=self.snapshot_every, score=lambda m: ev.metrics_of(m, "val")[ev.metric],
             amp=ev.amp, tol=self.sparsity_tol,
-            weights=flops_weights(ev.space) if self.penalty == "flops" else None,
+            weights=flops_weights(ev.space, groups) if self.penalty == "flops" else None,
         )
         gates.remove()
         snapshot, reached = choose(snapshots, r, self.sparsity_tol, ctx.task.sign)
         return snapshot.gates, snapshot, reached
 
+    def gated(self, space: Space) -> list[str] | None:
+        """The groups that get gates: all (None), or with ``streams`` "keep" every group but the
+        residual streams."""
+        if self.streams == "gate":
+            return None
+        streams = set(residual_streams(space))
+        groups = [n for n in space.names if n not in streams]
+        if not groups:
+            raise InputError("every prunable group is a residual stream, so with streams 'keep' nothing is "
+                             "left to gate; use streams 'gate'")
+        return groups
+
     # -- step 4: one global threshold ---------------------------------------------------------
     def structure(self, ctx: SearchContext, gates: dict[str, torch.Tensor]
                   ) -> tuple[dict[str, float], dict[str, list[int]]]:
+        """Per-group ratios and kept channels; the groups without gates (kept streams) stay whole."""
+        budgets = ctx.budgets
+        whole = {n: 0.0 for n in ctx.evaluator.space.names if n not in gates}
         try:
             weights = channel_flops(ctx.evaluator.space) if self.order == "flops" else None
-            return threshold_structure(gates, ctx.budgets.fits, ctx.budgets.max_ratio, weights)
+            # the refill costs one fits per removed channel: a timing each under a latency budget
+            ratios, keep = threshold_structure(gates, lambda r: budgets.fits({**whole, **r}), budgets.max_ratio,
+                                               weights, refill=not budgets.latency)
         except ValueError:
-            ctx.budgets.unreachable()
+            if not whole:
+                budgets.unreachable()
+            budgets.unreachable(
+                f"removing {budgets.max_ratio:.0%} of every group but the residual streams, which streams "
+                f"'keep' leaves whole (streams 'gate' lets the threshold prune them)",
+                {**whole, **dict.fromkeys(gates, budgets.max_ratio)})
+        return {**whole, **ratios}, keep
 
     # -- step 5 (optional): the pruned architecture trained from scratch ----------------------
     @classmethod

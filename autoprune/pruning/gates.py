@@ -14,7 +14,7 @@ all gates (Sec. 3.2), found by bisection until the pruned model meets the budget
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,8 +24,23 @@ from autoprune.errors import InputError
 from autoprune.space import Space
 
 
-def gate_targets(space: Space, model: nn.Module | None = None) -> dict[str, list[str]]:
-    """For every prunable group, the modules whose outputs carry its channels and get its gate.
+def residual_streams(space: Space) -> list[str]:
+    """The prunable groups whose channels more than one layer produces: the residual streams of a ResNet
+    or a MobileNetV2, where each block's last convolution (and the shortcut's, where there is one) adds
+    into the same channels. A group with one producing layer is not a stream, nor is one whose other
+    layers are depthwise convolutions fed by it (MobileNetV2's expansion and its depthwise convolution)."""
+    out = []
+    for g in space.prunable:
+        producers = [n for n in g.members if _is_layer(space.modules[n]) and not _is_depthwise(space.modules[n])]
+        if len(producers) > 1:
+            out.append(g.name)
+    return out
+
+
+def gate_targets(space: Space, model: nn.Module | None = None, groups: Sequence[str] | None = None
+                 ) -> dict[str, list[str]]:
+    """For every prunable group (or each of ``groups``), the modules whose outputs carry its channels and
+    get its gate.
 
     Each convolution or linear layer among the group's members (``Group.members``: the modules whose
     out-channels the group removes) is gated after the batch norm that directly consumes it when that
@@ -37,13 +52,15 @@ def gate_targets(space: Space, model: nn.Module | None = None) -> dict[str, list
     modules = dict(model.named_modules())
     out: dict[str, list[str]] = {}
     for g in space.prunable:
+        if groups is not None and g.name not in groups:
+            continue
         if space.heads(g.name) is not None:
             raise InputError(
                 f"group {g.name!r} is the heads of an attention module, which channel gates cannot gate; keep it "
                 f"whole with --ignore {g.name!r}, or use another agent"
             )
         members = set(g.members)
-        layers = [n for n in g.members if isinstance(space.modules[n], (nn.modules.conv._ConvNd, nn.Linear))]
+        layers = [n for n in g.members if _is_layer(space.modules[n])]
         depthwise = [n for n in layers if _is_depthwise(space.modules[n])]
         targets = []
         for name in depthwise or layers:
@@ -58,21 +75,26 @@ def gate_targets(space: Space, model: nn.Module | None = None) -> dict[str, list
     return out
 
 
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
 
 
 class ChannelGates(nn.Module):
-    """The gates of every prunable group of ``space``, hooked into ``model`` (a copy of the space's
-    model with the same module names). Gates start at 1: the gated model computes what ``model`` does.
+    """The gates of every prunable group of ``space`` (or of ``groups`` only), hooked into ``model`` (a
+    copy of the space's model with the same module names). Gates start at 1: the gated model computes
+    what ``model`` does.
 
     ``gates[i]`` belongs to group ``names[i]``; :meth:`remove` takes the hooks off again.
     """
 
-    def __init__(self, space: Space, model: nn.Module) -> None:
+    def __init__(self, space: Space, model: nn.Module, groups: Sequence[str] | None = None) -> None:
         super().__init__()
-        targets = gate_targets(space, model)
-        self.names = [g.name for g in space.prunable]
+        targets = gate_targets(space, model, groups)
+        self.names = [g.name for g in space.prunable if groups is None or g.name in groups]
         self.gates = nn.ParameterList(
             [nn.Parameter(torch.ones(space.by_name[n].channels, device=_device(model))) for n in self.names]
         )
@@ -152,11 +174,13 @@ def channel_flops(space: Space) -> dict[str, float]:
     return {g.name: max(flops[g.name] / g.channels * count / total, 1e-12) for g in space.prunable}
 
 
-def flops_weights(space: Space) -> torch.Tensor:
-    """:func:`channel_flops` as one weight per gate, groups in ``space.prunable`` order (as
-    :meth:`ChannelGates.vector`), so that the weights' mean is 1."""
+def flops_weights(space: Space, groups: Sequence[str] | None = None) -> torch.Tensor:
+    """:func:`channel_flops` as one weight per gate of every prunable group (or of ``groups`` only), in
+    ``space.prunable`` order (as :meth:`ChannelGates.vector`), rescaled so that their mean is 1."""
     per = channel_flops(space)
-    return torch.cat([torch.full((g.channels,), per[g.name]) for g in space.prunable])
+    w = torch.cat([torch.full((g.channels,), per[g.name]) for g in space.prunable
+                   if groups is None or g.name in groups])
+    return w / w.mean()
 
 
 def threshold_structure(
@@ -164,6 +188,7 @@ def threshold_structure(
     fits: Callable[[dict[str, float]], bool],
     max_ratio: float = 1.0,
     weights: Mapping[str, float] | None = None,
+    refill: bool = False,
 ) -> tuple[dict[str, float], dict[str, list[int]]]:
     """Turn gates into per-group channel counts with one global threshold (Sec. 3.2).
 
@@ -180,6 +205,12 @@ def threshold_structure(
     With ``weights`` (a positive weight per group, e.g. what one of its channels costs) the global order
     is by gate divided by its group's weight, so the channels whose gate is smallest for what they cost
     go first; within a group the order is the same.
+
+    The last channel the threshold takes can save far more than the budget still needed (a channel of
+    a full-resolution layer, when the threshold has reached it). With ``refill``, the removed channels
+    are then walked back, highest first in that order, and each whose return still meets the budget
+    is given back; within a group the channels kept stay its largest gates. This costs one ``fits``
+    per removed channel: cheap for FLOPs and parameters, not for a measured latency.
     """
     names = list(gates)
     sizes = {n: int(gates[n].numel()) for n in names}
@@ -195,16 +226,22 @@ def threshold_structure(
         candidates += [(float(g[i]) / scale, gi, i, n) for i in order[: cap[n]]]
     candidates.sort()
 
-    def structure(k: int) -> tuple[dict[str, float], dict[str, list[int]]]:
+    def structure(removed: list) -> tuple[dict[str, float], dict[str, list[int]]]:
         gone: dict[str, set[int]] = {n: set() for n in names}
-        for _, _, i, n in candidates[:k]:
+        for _, _, i, n in removed:
             gone[n].add(i)
         ratios = {n: len(gone[n]) / sizes[n] for n in names}
         keep = {n: [i for i in range(sizes[n]) if i not in gone[n]] for n in names}
         return ratios, keep
 
-    if fits(structure(0)[0]):
-        return structure(0)
-    if not fits(structure(len(candidates))[0]):
+    if fits(structure([])[0]):
+        return structure([])
+    if not fits(structure(candidates)[0]):
         raise ValueError("the budget cannot be met even at the largest ratio every group allows")
-    return structure(bisect(lambda k: fits(structure(k)[0]), 0, len(candidates)))
+    removed = candidates[: bisect(lambda k: fits(structure(candidates[:k])[0]), 0, len(candidates))]
+    if refill:
+        for c in reversed(removed[:-1]):  # the last one taken is the one the budget needed
+            fewer = [d for d in removed if d is not c]
+            if fits(structure(fewer)[0]):
+                removed = fewer
+    return structure(removed)
