@@ -167,7 +167,8 @@ def test_an_unstructured_search_is_a_study_of_its_own(tmp_path):
 
 
 def test_n_of_m_lists_the_layers_it_leaves_dense_in_the_summary_and_the_policy(tmp_path):
-    code, out, err = run("search", "--model", "mobilenet_v2", "--pretrain-steps", "0", "--granularity", "2:4",
+    code, out, err = run("search", "--agent", "uniform", "--model", "mobilenet_v2", "--pretrain-steps", "0",
+                         "--granularity", "2:4",
                          "--budget-flops", "80%", "--device", "cpu", "--bn-batches", "1", "--storage",
                          f"sqlite:///{tmp_path}/a.db", "-o", str(tmp_path / "best.json"))
     assert code == 0, err

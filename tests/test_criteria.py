@@ -263,8 +263,8 @@ def test_apply_reproduces_a_taylor_policy(trained_resnet20, capsys, tmp_path):
     ckpt = tmp_path / "resnet20.pt"
     torch.save(trained_resnet20.state_dict(), ckpt)
     best = tmp_path / "best.json"
-    code = main(["search", "--budget-flops", "50%", "--criterion", "taylor", "--criterion-batches", "3",
-                 "--checkpoint", str(ckpt), "--device", "cpu", "--storage", f"sqlite:///{tmp_path}/autoprune.db",
+    code = main(["search", "--agent", "uniform", "--budget-flops", "50%", "--criterion", "taylor",
+                 "--criterion-batches", "3", "--checkpoint", str(ckpt), "--device", "cpu", "--storage", f"sqlite:///{tmp_path}/autoprune.db",
                  "-o", str(best)])
     assert code == 0
     policy = Policy.load(best)
