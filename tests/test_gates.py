@@ -369,11 +369,20 @@ def test_kept_streams_get_no_gate_stay_whole_and_the_other_groups_meet_the_budge
     assert any(policy_of(run).ratios[n] > 0 for n in streams)
 
 
-def test_a_budget_the_other_groups_cannot_meet_with_the_streams_whole_is_refused_in_one_line(evaluator, tmp_path):
+def test_a_budget_the_other_groups_cannot_meet_with_the_streams_whole_is_refused_in_one_line(
+        evaluator, tmp_path, monkeypatch):
     ctx = context(evaluator, tmp_path, [parse_budget("flops", "5%")])
+    learned = []
+    monkeypatch.setattr(autoprune.agents.gates, "learn_gates", lambda *a, **k: learned.append(1))
     with pytest.raises(InputError, match="every group but the residual streams.*streams 'gate'") as e:
         get_agent("gates")(steps=2, snapshot_every=1, lr=0.1, streams="keep").search(ctx)
     assert "\n" not in str(e.value)
+    assert not learned  # refused before any gate is learned
+    # the threshold refuses it too, should it be reached
+    gates = {n: torch.rand(evaluator.space.by_name[n].channels) for n in evaluator.space.names
+             if n not in residual_streams(evaluator.space)}
+    with pytest.raises(InputError, match="every group but the residual streams"):
+        get_agent("gates")(streams="keep").structure(ctx, gates)
 
 
 def _learned(evaluator, *, r, tol, lr=0.1, lam=5.0, steps=8):

@@ -45,7 +45,7 @@ import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from optuna.distributions import FloatDistribution
@@ -237,6 +237,7 @@ class GatesAgent(Agent):
     def search(self, ctx: SearchContext) -> SearchResult:
         lambdas, rs = getattr(self, "lambda"), self.r  # tuples, checked with the options
         ev = ctx.evaluator
+        self.check_reachable(ctx)  # before any gate is learned
         runs: list[tuple[Policy, Evaluation, dict[str, Any]]] = []
         for i, (lam, r) in enumerate((lam, r) for lam in lambdas for r in rs):
             if ctx.should_stop():
@@ -344,6 +345,19 @@ class GatesAgent(Agent):
                              "left to gate; use streams 'gate'")
         return groups
 
+    def check_reachable(self, ctx: SearchContext) -> None:
+        """Refuse a budget that the gated groups cannot meet alone, with the streams whole."""
+        groups = self.gated(ctx.evaluator.space)
+        if groups is not None:
+            most = {**dict.fromkeys(ctx.evaluator.space.names, 0.0), **dict.fromkeys(groups, ctx.budgets.max_ratio)}
+            if not ctx.budgets.fits(most):
+                self.unreachable(ctx, most)
+
+    def unreachable(self, ctx: SearchContext, most: dict[str, float]) -> NoReturn:
+        ctx.budgets.unreachable(
+            f"removing {ctx.budgets.max_ratio:.0%} of every group but the residual streams, which streams 'keep' "
+            f"leaves whole (streams 'gate' lets the threshold prune them)", most)
+
     # -- step 4: one global threshold ---------------------------------------------------------
     def structure(self, ctx: SearchContext, gates: dict[str, torch.Tensor]
                   ) -> tuple[dict[str, float], dict[str, list[int]]]:
@@ -358,10 +372,7 @@ class GatesAgent(Agent):
         except ValueError:
             if not whole:
                 budgets.unreachable()
-            budgets.unreachable(
-                f"removing {budgets.max_ratio:.0%} of every group but the residual streams, which streams "
-                f"'keep' leaves whole (streams 'gate' lets the threshold prune them)",
-                {**whole, **dict.fromkeys(gates, budgets.max_ratio)})
+            self.unreachable(ctx, {**whole, **dict.fromkeys(gates, budgets.max_ratio)})
         return {**whole, **ratios}, keep
 
     # -- step 5 (optional): the pruned architecture trained from scratch ----------------------
