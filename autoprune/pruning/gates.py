@@ -240,8 +240,13 @@ def threshold_structure(
         raise ValueError("the budget cannot be met even at the largest ratio every group allows")
     removed = candidates[: bisect(lambda k: fits(structure(candidates[:k])[0]), 0, len(candidates))]
     if refill:
+        full: set[str] = set()  # groups that could not take one back: a later channel costs the same
         for c in reversed(removed[:-1]):  # the last one taken is the one the budget needed
+            if c[3] in full:
+                continue
             fewer = [d for d in removed if d is not c]
             if fits(structure(fewer)[0]):
                 removed = fewer
+            else:
+                full.add(c[3])
     return structure(removed)
