@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install autoprune, run a real search on the embedded default, export the policy
 #   make test   create or update .venv with the dev extras and run the tests (what CI runs)
-#   make test-all   the tests and the slow ones (every torchvision classifier pruned; about 12 minutes on 2 cores)
+#   make test-all   the tests and the slow ones (every torchvision classifier pruned)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -27,11 +27,12 @@ demo: $(VENV)/.installed
 		--storage sqlite:///$(OUT)/autoprune.db -o $(OUT)/best.json
 	$(BIN)/autoprune apply $(OUT)/best.json -o $(OUT)/pruned.pt
 
+# one pytest worker per core (pytest-xdist), each computing on one thread (tests/conftest.py)
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 test-all: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m 'slow or not slow'
+	$(BIN)/python -m pytest -n auto -m 'slow or not slow'
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check autoprune tests benchmarks

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -7,7 +9,13 @@ from autoprune.models import build_model
 from autoprune.pretrain import train_model
 from autoprune.task import ImageClassificationTask
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs one worker per core) every worker, and every command a test starts,
+# computes on one thread: two workers of two threads each on two cores would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 # Property tests judge behaviour, never speed: no per-example deadline (Hypothesis's 200 ms default fails
 # them at random on a loaded machine), and no health check that times the data generation either.
