@@ -37,6 +37,7 @@ from torch import nn
 from autoprune.budget import bisect
 from autoprune.config import SearchConfig, SourceConfig
 from autoprune.cost import count_flops
+from autoprune.errors import InputError
 from autoprune.runner import make_evaluator, prepare, run_search
 
 AGENTS = ("uniform", "random", "amc", "netadapt", "sensitivity", "gates", "icepick")
@@ -138,6 +139,11 @@ def main() -> None:
     storage = f"sqlite:///{out / 'quality.db'}"
     results_path = out / "results.json"
     results = load_results(results_path)
+    other = sorted({r.get("final_steps") for k, r in results.items() if k != "base" and r.get("feasible")}
+                   - {args.final_steps})
+    if other:  # a row is skipped once it is in results.json, so rows of another final fine-tune would be reported
+        raise InputError(f"{results_path} holds final fine-tunes of {', '.join(map(str, other))} steps, not "
+                         f"--final-steps {args.final_steps}; give -o another folder")
     options: dict[str, dict[str, str]] = defaultdict(dict)
     agent_of: dict[str, str] = {}
     for item in args.option:
