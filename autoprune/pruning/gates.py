@@ -14,6 +14,7 @@ all gates (Sec. 3.2), found by bisection until the pruned model meets the budget
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -226,26 +227,28 @@ def threshold_structure(
         candidates += [(float(g[i]) / scale, gi, i, n) for i in order[: cap[n]]]
     candidates.sort()
 
+    def ratios_of(removed: list) -> dict[str, float]:  # what ``fits`` judges: counts only
+        count = Counter(n for *_, n in removed)
+        return {n: count[n] / sizes[n] for n in names}
+
     def structure(removed: list) -> tuple[dict[str, float], dict[str, list[int]]]:
         gone: dict[str, set[int]] = {n: set() for n in names}
         for _, _, i, n in removed:
             gone[n].add(i)
-        ratios = {n: len(gone[n]) / sizes[n] for n in names}
-        keep = {n: [i for i in range(sizes[n]) if i not in gone[n]] for n in names}
-        return ratios, keep
+        return ratios_of(removed), {n: [i for i in range(sizes[n]) if i not in gone[n]] for n in names}
 
-    if fits(structure([])[0]):
+    if fits(ratios_of([])):
         return structure([])
-    if not fits(structure(candidates)[0]):
+    if not fits(ratios_of(candidates)):
         raise ValueError("the budget cannot be met even at the largest ratio every group allows")
-    removed = candidates[: bisect(lambda k: fits(structure(candidates[:k])[0]), 0, len(candidates))]
+    removed = candidates[: bisect(lambda k: fits(ratios_of(candidates[:k])), 0, len(candidates))]
     if refill:
         full: set[str] = set()  # groups that could not take one back: a later channel costs the same
         for c in reversed(removed[:-1]):  # the last one taken is the one the budget needed
             if c[3] in full:
                 continue
             fewer = [d for d in removed if d is not c]
-            if fits(structure(fewer)[0]):
+            if fits(ratios_of(fewer)):
                 removed = fewer
             else:
                 full.add(c[3])
